@@ -1,0 +1,30 @@
+# Set-up and entry points. `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch first, pinned by constraints.txt to the CPU wheel on disk; then the package and its extras.
+$(STAMP): setup.cfg constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e '.[dev,deepspeed]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/advcap demo --out runs/demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/loader.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,88 @@
+"""The `advcap` command line: one subcommand per job; the work lives in the library modules."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from advcap.errors import AdvcapError
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from advcap.data.synth import generate
+
+    generate(args.out, n_images=args.images, seed=args.seed, size=args.size)
+
+
+def _cmd_shards(args: argparse.Namespace) -> None:
+    from advcap.data.shardwriter import convert
+
+    convert(
+        fmt=args.format,
+        annotations=args.annotations,
+        images=args.images,
+        out=args.out,
+        split=args.split,
+        resize=args.resize,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        strict=args.strict,
+    )
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from advcap.data.verify import verify
+
+    if not verify(args.shards):
+        raise SystemExit(1)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="advcap", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="render the built-in demo caption set (Karpathy split format)")
+    p.add_argument("--out", required=True, help="output directory (captions.json + images/)")
+    p.add_argument("--images", type=int, default=1000, help="number of scenes to render")
+    p.add_argument("--seed", type=int, default=0, help="random seed (output is byte-identical per seed)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (16..224)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("shards", help="convert COCO / Flickr8k / Karpathy-split annotations to WebDataset shards")
+    p.add_argument("--format", required=True, choices=["karpathy", "coco", "flickr8k"])
+    p.add_argument("--annotations", required=True, help="annotation file (Karpathy JSON, COCO captions JSON, Flickr8k.token.txt)")
+    p.add_argument("--images", required=True, help="image directory")
+    p.add_argument("--out", required=True, help="output directory for {split}-NNNNNN.tar and manifest.json")
+    p.add_argument("--split", default=None, help="split name for raw COCO files, which carry none (e.g. val)")
+    p.add_argument("--resize", type=int, default=256, help="shorter side in pixels, never upscaled; 0 keeps original bytes")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--workers", type=int, default=1, help="image-processing processes")
+    p.add_argument("--strict", action="store_true", help="a missing or undecodable image is an error, not a skip")
+    p.set_defaults(func=_cmd_shards)
+
+    p = sub.add_parser("verify", help="re-read every shard, check counts and hashes against manifest.json, decode every image")
+    p.add_argument("shards", help="shard directory holding manifest.json")
+    p.set_defaults(func=_cmd_verify)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.func(args)
+    except AdvcapError as err:
+        print(f"advcap {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
