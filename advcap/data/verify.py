@@ -1,0 +1,81 @@
+"""`advcap verify`: re-read every shard, check it against the manifest, decode every image."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from advcap.data.images import BadImage, open_rgb
+from advcap.data.manifest import load_manifest
+from advcap.data.shardwriter import sha256_file
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("image_id", "captions", "split", "filename")
+
+
+def verify(root: str | Path) -> bool:
+    """Check every shard of `root`; log each problem naming shard and sample. True if all is well."""
+    manifest = load_manifest(root)
+    problems: list[str] = []
+    listed = {s.name for s in manifest.shards}
+    for stray in sorted(p.name for p in Path(root).glob("*.tar") if p.name not in listed):
+        problems.append(f"{stray}: not listed in the manifest")
+    with tqdm(total=sum(s.samples for s in manifest.shards), unit="img", desc="verify", disable=None) as bar:
+        for shard in manifest.shards:
+            problems += _check_shard(shard.path, shard.samples, shard.sha256, shard.split, bar)
+    for problem in problems:
+        log.error("%s", problem)
+    if problems:
+        log.error("verify: %d problem(s) in %s", len(problems), root)
+    else:
+        log.info("verify: %d shards, %d samples OK in %s", len(manifest.shards), bar.n, root)
+    return not problems
+
+
+def _check_shard(path: Path, expected_samples: int, expected_sha: str, split: str, bar: tqdm) -> list[str]:
+    name = path.name
+    if not path.is_file():
+        return [f"{name}: missing"]
+    problems = []
+    if sha256_file(path) != expected_sha:
+        problems.append(f"{name}: sha256 differs from the manifest (the file changed or is corrupt)")
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if member.isfile() and ext in ("jpg", "json"):
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError) as err:
+        problems.append(f"{name}: unreadable tar after {len(samples)} samples ({err})")
+    for key, sample in samples.items():
+        problems += [f"{name}/{key}: {p}" for p in _check_sample(sample, split)]
+        bar.update(1)
+    if len(samples) != expected_samples:
+        problems.append(f"{name}: {len(samples)} samples, manifest says {expected_samples}")
+    return problems
+
+
+def _check_sample(sample: dict[str, bytes], split: str) -> list[str]:
+    problems = []
+    if "jpg" not in sample or "json" not in sample:
+        return [f"incomplete sample (has {', '.join(sorted(sample))})"]
+    try:
+        meta = json.loads(sample["json"])
+        missing = [f for f in REQUIRED_FIELDS if f not in meta]
+        if missing:
+            problems.append(f"json lacks {', '.join(missing)}")
+        elif meta["split"] != split or not meta["captions"] or not isinstance(meta["image_id"], str):
+            problems.append("json has a wrong split, no captions, or a non-string image_id")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        problems.append(f"json does not parse ({err})")
+    try:
+        open_rgb(sample["jpg"])
+    except BadImage as err:
+        problems.append(f"jpg {err}")
+    return problems
