@@ -1,0 +1,167 @@
+"""The streaming loaders: batch contract, determinism and resume, equal batches per rank,
+exact-once evaluation over ranks and workers, corrupt shards, and no unpickling."""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from advcap.data.loader import EvalStream, TrainStream, make_loader
+from advcap.data.manifest import load_manifest
+from advcap.data.shardwriter import convert
+from conftest import make_karpathy
+
+IMAGE_SIZE = 24
+
+
+@pytest.fixture
+def shards(tmp_path):
+    annotations, images = make_karpathy(tmp_path / "src", 40)
+    convert("karpathy", annotations, images, tmp_path / "shards", shard_size=4)
+    return load_manifest(tmp_path / "shards")
+
+
+def train_stream(manifest, tokenizer, rank=0, world=1, workers=0, seed=0, max_tokens=8, batch=3):
+    return TrainStream(manifest, tokenizer, IMAGE_SIZE, max_tokens, batch, seed, rank, world, workers, shuffle_buffer=6)
+
+
+def batches(stream, workers):
+    return list(make_loader(stream, workers))
+
+
+def test_train_batch_contract(shards, tokenizer):
+    batch = next(iter(train_stream(shards, tokenizer, max_tokens=5)))
+    pixels, ids, labels = batch["pixels"], batch["input_ids"], batch["labels"]
+    assert pixels.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE) and pixels.dtype == torch.float32
+    assert 0.0 <= pixels.min() and pixels.max() <= 1.0 and pixels.std() > 0
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert ids.shape == labels.shape and ids.shape[1] <= 5  # truncated to max_tokens
+    for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
+        end = row_ids.index(eos)  # every caption ends in EOS, even when truncated
+        assert row_labels[: end + 1] == row_ids[: end + 1]
+        assert all(x == -100 for x in row_labels[end + 1 :]) and all(x == pad for x in row_ids[end + 1 :])
+    assert len(batch["image_ids"]) == 3 and all(isinstance(i, str) for i in batch["image_ids"])
+
+
+def test_pixels_match_vit_image_processor(shards, tokenizer):
+    from transformers import ViTImageProcessor
+
+    stream = EvalStream(shards, "test", tokenizer, IMAGE_SIZE, 8, batch_size=4)
+    batch = next(iter(stream))
+    processor = ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_normalize=False)
+    with tarfile.open(shards.split("test")[0].path) as tar:
+        jpgs = [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")][:4]
+    expected = processor([Image.open(io.BytesIO(j)).convert("RGB") for j in jpgs], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(batch["pixels"], expected, atol=1e-6, rtol=0)
+
+
+def test_training_order_is_a_function_of_seed_epoch_rank(shards, tokenizer):
+    def ids(**kw):
+        return [b["image_ids"] for b in train_stream(shards, tokenizer, **kw)]
+
+    assert ids(rank=0) == ids(rank=0)
+    assert ids(rank=0) != ids(rank=1)
+    assert ids(seed=0) != ids(seed=1)
+    stream = train_stream(shards, tokenizer)
+    stream.set_position(epoch=1)
+    assert [b["image_ids"] for b in stream] != ids()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_rank_gets_the_same_number_of_batches(shards, tokenizer, workers):
+    counts = [len(batches(train_stream(shards, tokenizer, rank=r, world=2, workers=workers), workers)) for r in range(2)]
+    train_images = shards.samples("train")
+    assert counts[0] == counts[1] >= -(-train_images // (3 * 2))  # an epoch covers the split at least once
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_skips_to_exactly_where_it_stopped(shards, tokenizer, workers):
+    whole = batches(train_stream(shards, tokenizer, workers=workers), workers)
+    for skip in (1, 3, 4):
+        stream = train_stream(shards, tokenizer, workers=workers)
+        stream.set_position(epoch=0, skip_batches=skip)
+        tail = batches(stream, workers)
+        assert [b["image_ids"] for b in tail] == [b["image_ids"] for b in whole[skip:]]
+        assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(tail, whole[skip:]))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluation_sees_every_image_exactly_once(shards, tokenizer, world, workers):
+    seen: dict[str, int] = {}
+    batch_of: dict[str, int] = {}
+    per_rank = []
+    for rank in range(world):
+        stream = EvalStream(shards, "train", tokenizer, IMAGE_SIZE, 8, batch_size=4, rank=rank, world_size=world)
+        ids = []
+        for batch in batches(stream, workers):
+            ids += batch["image_ids"]
+            batch_of.update({i: batch["batch_index"] for i in batch["image_ids"]})
+            assert len(batch["references"]) == len(batch["image_ids"]) == batch["pixels"].shape[0]
+        per_rank.append(set(ids))
+        for i in ids:
+            seen[i] = seen.get(i, 0) + 1
+    assert all(n == 1 for n in seen.values())
+    assert len(seen) == shards.samples("train")
+    if world == 2:
+        assert not per_rank[0] & per_rank[1]
+    # the same image lands in the same global batch whatever the world size and workers
+    single = EvalStream(shards, "train", tokenizer, IMAGE_SIZE, 8, batch_size=4)
+    reference = {i: b["batch_index"] for b in single for i in b["image_ids"]}
+    assert batch_of == reference
+
+
+def test_evaluation_limit_takes_the_first_images_in_global_order(shards, tokenizer):
+    full = [i for b in EvalStream(shards, "train", tokenizer, IMAGE_SIZE, 8, batch_size=4) for i in b["image_ids"]]
+    limited = [
+        i
+        for rank in range(2)
+        for b in EvalStream(shards, "train", tokenizer, IMAGE_SIZE, 8, batch_size=4, rank=rank, world_size=2, limit=7)
+        for i in b["image_ids"]
+    ]
+    assert sorted(limited) == sorted(full[:7])
+
+
+def test_corrupt_shard_is_skipped_with_a_warning_and_training_goes_on(shards, tokenizer, caplog):
+    victim = shards.split("train")[1].path
+    victim.write_bytes(victim.read_bytes()[:1500])  # truncated mid-member
+    with caplog.at_level(logging.WARNING):
+        got = list(train_stream(shards, tokenizer))
+    assert len(got) == train_stream(shards, tokenizer).batches_per_epoch
+    assert victim.name in caplog.text and "corrupt shard" in caplog.text
+    assert max(b["bad_shards"] for b in got) >= 1
+    stream = EvalStream(shards, "train", tokenizer, IMAGE_SIZE, 8, batch_size=4)
+    evaluated = sum(len(b["image_ids"]) for b in stream)
+    assert shards.samples("train") - 4 <= evaluated < shards.samples("train")
+
+
+def test_pickle_members_are_never_loaded(shards, tokenizer, tmp_path):
+    canary = tmp_path / "unpickled"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (canary,))
+
+    shard = shards.split("test")[0].path
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    key = members[0][0].name.partition(".")[0]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+        payload = pickle.dumps(Exploit())
+        info = tarfile.TarInfo(f"{key}.pyd")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    got = list(EvalStream(shards, "test", tokenizer, IMAGE_SIZE, 8, batch_size=4))
+    assert not canary.exists()
+    assert sum(len(b["image_ids"]) for b in got) == shards.samples("test")
+    assert set(got[0]) == {"pixels", "input_ids", "labels", "batch_index", "image_ids", "references"}
