@@ -61,14 +61,15 @@ class Tokenize:
 
 def collate(pixels: list[np.ndarray], token_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Stack uint8 (S,S,3) images into float [0,1] (B,3,S,S) and pad token lists (labels -100 on padding)."""
-    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+    # Transpose while still uint8 (4× less memory traffic than transposing floats).
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
     length = max(len(t) for t in token_ids)
     input_ids = torch.full((len(token_ids), length), pad_id, dtype=torch.long)
     labels = torch.full((len(token_ids), length), -100, dtype=torch.long)
     for row, ids in enumerate(token_ids):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(ids)] = torch.tensor(ids)
-    return {"pixels": images.contiguous(), "input_ids": input_ids, "labels": labels}
+    return {"pixels": images, "input_ids": input_ids, "labels": labels}
 
 
 def _decode_samples(samples: list[dict], image_size: int, where: str) -> tuple[list[np.ndarray], list[dict]]:
