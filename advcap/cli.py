@@ -38,6 +38,22 @@ def _cmd_verify(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _cmd_tokenizer(args: argparse.Namespace) -> None:
+    from advcap.data.manifest import load_manifest
+    from advcap.tokenizer import train_tokenizer, train_captions
+
+    train_tokenizer(train_captions(load_manifest(args.shards)), args.out, vocab_size=args.vocab_size)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from advcap.config import load_config
+    from advcap.train import EXIT_STOPPED, STOPPED, train
+
+    cfg = load_config(args.config, args.overrides)
+    if train(cfg, resume=args.resume, stop_at_step=args.stop_at_step) == STOPPED:
+        raise SystemExit(EXIT_STOPPED)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advcap", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -65,6 +81,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-read every shard, check counts and hashes against manifest.json, decode every image")
     p.add_argument("shards", help="shard directory holding manifest.json")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the train captions of a shard set")
+    p.add_argument("--shards", required=True, help="shard directory holding manifest.json")
+    p.add_argument("--out", required=True, help="output directory (loads with AutoTokenizer)")
+    p.add_argument("--vocab-size", type=int, default=1000)
+    p.set_defaults(func=_cmd_tokenizer)
+
+    p = sub.add_parser(
+        "train",
+        help="train one phase × seed (the same entry point `accelerate launch launch/train.py` runs)",
+        description="Exit status 75 means stopped on request (signal or --stop-at-step): resume with --resume latest.",
+    )
+    p.add_argument("--config", required=True, help="a config path or the bare name of a shipped config (e.g. freeze_vit)")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory to continue from")
+    p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint and stop after this step, as if preempted")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 model.preset=tiny")
+    p.set_defaults(func=_cmd_train)
 
     return parser
 

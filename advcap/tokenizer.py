@@ -65,3 +65,17 @@ def load_tokenizer(name_or_path: str | Path):
     if tokenizer.bos_token_id is None:
         tokenizer.bos_token = tokenizer.eos_token
     return tokenizer
+
+
+def train_captions(manifest) -> list[str]:
+    """Every caption of the train split of a shard set (read from the shards' json members only)."""
+    import json
+    import tarfile
+
+    captions = []
+    for shard in manifest.split("train"):
+        with tarfile.open(shard.path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    captions += json.loads(tar.extractfile(member).read())["captions"]
+    return captions

@@ -1,0 +1,229 @@
+"""L∞ adversarial attacks on pixels in [0,1]: FGSM (optionally random-start) and PGD.
+
+The functions are pure. They see the model only through ``loss_fn(images) -> scalar loss``, which
+they maximise (untargeted), and they take the gradient with ``torch.autograd.grad`` w.r.t. the
+images alone. So parameter ``.grad``, the optimizer and DDP's all-reduce are never touched, and a
+fully frozen model (every parameter ``requires_grad=False``) works as long as the loss is
+differentiable in the pixels. Train/eval mode of the model is the caller's choice.
+
+Units: ε and step sizes are in [0,1] pixel units (the paper's ε = 0.1 on ViT's [-1,1] inputs is
+0.05 here). Every result is detached, has the images' shape, dtype and device, lies in [0,1], and
+is within ε of the clean images as floats: ``(x_adv - x).abs() <= ε`` holds exactly when the
+difference is computed in the images' dtype. Plain ``x + ε`` often rounds one ulp past ε, so the
+ε-ball's edges are rounded toward x (see ``_linf_box``); results can differ from the textbook
+formula by an ulp or two of 1.0 (≤ 2.4e-7 in float32), never by more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+LossFn = Callable[[Tensor], Tensor]
+"""Maps images (B,3,H,W) in [0,1] to a scalar (0-dim) loss to be maximised."""
+
+
+def input_gradient(loss_fn: LossFn, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Loss and its gradient w.r.t. the images, without touching any parameter's ``.grad``.
+
+    Args:
+        loss_fn: images -> 0-dim loss tensor. Runs with autograd enabled even if the caller
+            is under ``torch.no_grad()`` (evaluation loops usually are).
+        images: float tensor, any shape, typically (B,3,H,W) in [0,1]. Not modified.
+
+    Returns:
+        ``(loss, grad)``: the detached 0-dim loss, and ∂loss/∂images with the images' shape,
+        dtype and device.
+    """
+    x = images.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(x)
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss_fn must return a torch.Tensor, got {type(loss).__name__}")
+    if loss.ndim != 0:
+        raise ValueError(
+            f"loss_fn must return a scalar (0-dim) loss, got shape {tuple(loss.shape)}; "
+            "reduce it first, e.g. with .mean()"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "the loss does not depend on the images (no autograd graph): does loss_fn detach "
+            "its input or run under torch.inference_mode()?"
+        )
+    # inputs=x only: parameters' AccumulateGrad nodes never run, so their .grad stays as it was.
+    (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    if grad is None:
+        raise ValueError("the loss does not depend on the images: loss_fn must use its argument")
+    return loss.detach(), grad
+
+
+def fgsm(
+    loss_fn: LossFn,
+    images: Tensor,
+    epsilon: float,
+    random_start: bool = False,
+    grad: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    step_size: float | None = None,
+) -> Tensor:
+    """Fast gradient sign method: one signed-gradient step, projected to the ε-ball and [0,1].
+
+    Without random start: ``x' = clip(x + ε·sign(∇ₓL(x)), 0, 1)``. With ``random_start`` (Wong
+    et al. 2020, "Fast is better than free"): ``x0 = clip(x + U(-ε, ε), 0, 1)``, then
+    ``x' = Π(x0 + α·sign(∇L(x0)))`` with α = 1.25ε and Π the projection onto the ε-ball around x
+    intersected with [0,1].
+
+    Args:
+        loss_fn: images -> 0-dim loss, maximised. Not called when ``grad`` is given.
+        images: clean images, float, any shape (B,3,H,W typical), values in [0,1].
+        epsilon: L∞ radius in [0,1] pixel units, ≥ 0. ε = 0 returns a copy of the images.
+        random_start: start from a uniform random point in the ε-ball (default: no).
+        grad: ∇ₓL at the clean images, same shape as ``images``, if the caller already has it
+            (the train step's clean pass); then no forward or backward is run here.
+            Not allowed with ``random_start`` (the gradient would be at the wrong point).
+        generator: RNG for the random start (any device); ``None`` uses the global RNG.
+        step_size: α in pixel units, > 0; default ε, or 1.25ε with ``random_start``.
+
+    Returns:
+        Detached adversarial images: same shape/dtype/device, in [0,1], ``|x' - x| ≤ ε``.
+    """
+    epsilon = _check_number("epsilon", epsilon, allow_zero=True)
+    if step_size is not None:
+        step_size = _check_number("step_size", step_size, allow_zero=False)
+    _check_images(images)
+    if grad is not None:
+        if random_start:
+            raise ValueError(
+                "grad= is the gradient at the clean images, but random_start=True needs it at "
+                "the random start point; pass grad=None with random_start=True"
+            )
+        if grad.shape != images.shape:
+            raise ValueError(
+                f"grad must have the images' shape {tuple(images.shape)}, got {tuple(grad.shape)}"
+            )
+    x = images.detach()
+    if epsilon == 0:
+        return x.clone()
+    lo, hi = _linf_box(x, epsilon)
+    if random_start:
+        start = _random_start(x, epsilon, lo, hi, generator)
+        alpha = 1.25 * epsilon if step_size is None else step_size
+    else:
+        start = x
+        alpha = epsilon if step_size is None else step_size
+    if grad is None:
+        _, grad = input_gradient(loss_fn, start)
+    with torch.no_grad():
+        return torch.clamp(start + alpha * grad.detach().sign().to(x.dtype), lo, hi)
+
+
+def pgd(
+    loss_fn: LossFn,
+    images: Tensor,
+    epsilon: float,
+    step_size: float,
+    steps: int,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Projected gradient descent (Madry et al. 2018), L∞, on the loss to maximise.
+
+    ``x0 = x`` (or ``clip(x + U(-ε, ε), 0, 1)`` with ``random_start``); then ``steps`` times
+    ``x ← Π(x + step_size·sign(∇L(x)))``, with Π the projection onto the ε-ball around the clean
+    images intersected with [0,1]. Returns the last iterate. Calls ``loss_fn`` ``steps`` times.
+
+    Args:
+        loss_fn: images -> 0-dim loss, maximised.
+        images: clean images, float, any shape (B,3,H,W typical), values in [0,1].
+        epsilon: L∞ radius in [0,1] pixel units, ≥ 0. ε = 0 returns a copy of the images.
+        step_size: per-step size in pixel units, > 0 (commonly 2.5·ε/steps).
+        steps: number of gradient steps, ≥ 1.
+        random_start: start from a uniform random point in the ε-ball (default: yes).
+            Without it the attack is deterministic.
+        generator: RNG for the random start (any device); ``None`` uses the global RNG.
+
+    Returns:
+        Detached adversarial images: same shape/dtype/device, in [0,1], ``|x' - x| ≤ ε``.
+    """
+    epsilon = _check_number("epsilon", epsilon, allow_zero=True)
+    step_size = _check_number("step_size", step_size, allow_zero=False)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    _check_images(images)
+    x = images.detach()
+    if epsilon == 0:
+        return x.clone()
+    lo, hi = _linf_box(x, epsilon)
+    x_adv = _random_start(x, epsilon, lo, hi, generator) if random_start else x.clone()
+    for _ in range(steps):
+        _, grad = input_gradient(loss_fn, x_adv)
+        with torch.no_grad():
+            x_adv = torch.clamp(x_adv + step_size * grad.sign(), lo, hi)
+    return x_adv
+
+
+def _linf_box(x: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+    """Elementwise bounds ``[lo, hi]`` of the ε-ball around x intersected with [0,1].
+
+    ``fl(x + ε) - x`` exceeds ε for most float32 pixels (one ulp of rounding), so each bound
+    is stepped toward x until its float distance to x is at most ε (one or two steps).
+    """
+    with torch.no_grad():
+        hi = _round_into_ball(torch.clamp(x + epsilon, max=1.0), x, epsilon)
+        lo = _round_into_ball(torch.clamp(x - epsilon, min=0.0), x, epsilon)
+    return lo, hi
+
+
+def _round_into_ball(bound: Tensor, x: Tensor, epsilon: float) -> Tensor:
+    # Compare in float64 so the bound holds against ε itself, not only its rounded dtype value.
+    # Step by an ulp of the larger of |bound|, |x| (not nextafter(bound): near 0 that is tiny).
+    # With x in [0,1] one or two steps suffice; the cap only guards against a silent spin.
+    for _ in range(8):
+        over = (bound - x).abs().double() > epsilon
+        if not over.any():
+            return bound
+        big = torch.maximum(bound.abs(), x.abs())
+        step = torch.where(over, torch.nextafter(big, torch.full_like(big, math.inf)) - big, 0.0)
+        bound = torch.where(bound > x, torch.maximum(bound - step, x), torch.minimum(bound + step, x))
+    raise RuntimeError("could not round the epsilon-ball bounds into the ball (images outside [0,1]?)")
+
+
+def _random_start(
+    x: Tensor, epsilon: float, lo: Tensor, hi: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """``x + U(-ε, ε)`` clipped to the box ``[lo, hi]``; noise drawn on the generator's device."""
+    device = generator.device if generator is not None else x.device
+    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+    with torch.no_grad():
+        return torch.clamp(x + (2 * noise - 1) * epsilon, lo, hi)
+
+
+def _check_number(name: str, value: float, *, allow_zero: bool) -> float:
+    """A finite real ≥ 0 (or > 0), as a float; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound} (pixel units in [0,1]), got {value!r}")
+    return number
+
+
+def _check_images(images: Tensor) -> None:
+    """Images must be a float tensor with values in [0,1] (not normalized pixels)."""
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        kind = images.dtype if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a floating-point tensor in [0,1], got {kind}")
+    if images.numel():
+        low, high = (v.item() for v in torch.aminmax(images.detach()))
+        if not (0.0 <= low and high <= 1.0):  # also rejects NaN
+            raise ValueError(
+                "images must lie in [0,1] (pixel space, before normalization), "
+                f"got range [{low:.4g}, {high:.4g}]"
+            )

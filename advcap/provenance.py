@@ -1,0 +1,70 @@
+"""Provenance of a run: how, where and on what it ran (written beside the resolved config)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+PACKAGES = ("advcap", "torch", "transformers", "accelerate", "deepspeed", "webdataset", "tokenizers", "nltk")
+
+
+def launcher() -> str:
+    """Which launcher started this process: slurm, accelerate, torchrun or python."""
+    if "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ:
+        return "slurm+accelerate" if "ACCELERATE_MIXED_PRECISION" in os.environ else "slurm"
+    if any(k.startswith("ACCELERATE_") for k in os.environ):
+        return "accelerate"
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    return "python"
+
+
+def git_commit() -> str | None:
+    """The commit of the advcap checkout, if it runs from one (an installed wheel has none)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def collect(accelerator, **extra) -> dict:
+    return {
+        "launcher": launcher(),
+        "distributed_type": str(accelerator.distributed_type),
+        "world_size": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+def write(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
