@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import asdict
@@ -103,8 +104,12 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    accelerator = Accelerator()
+    # Without CUDA, run on the CPU: this is also what makes `--multi_gpu --num_processes N` start N gloo ranks.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise AdvcapError(f"the launcher started {launched} processes but Accelerate sees {world}: check the launch config")
     out = run_dir(cfg)
     if prepare_run_dir(cfg, out, resume) == FINISHED:
         log.info("%s is already finished with this config: nothing to do", out)
@@ -223,6 +228,7 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
     if not checkpointer.due(state.step):
         checkpointer.save(accelerator, state)
     wall = time.perf_counter() - started
+    record["weights_sha256"] = _check_ranks_agree(accelerator, attack_model)
     if accelerator.is_main_process:
         export_hf(attack_model, tokenizer, out / "hf")
         state.finished = True
@@ -237,6 +243,27 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
     accelerator.wait_for_everyone()
     log.info("finished %s in %.1f s", out, wall)
     return FINISHED
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's bytes, in name order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_ranks_agree(accelerator, model: torch.nn.Module) -> str:
+    """Data parallelism must leave every rank with the same weights; a divergence is a bug, not noise."""
+    from accelerate.utils import gather_object
+
+    digests = gather_object([weights_digest(model)])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks ended training with different weights: {digests}")
+    return digests[0]
 
 
 class _Window:
