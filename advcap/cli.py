@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from advcap.errors import AdvcapError
+
+
+CLI_MODULES: list[str] = []
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
@@ -99,6 +103,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 model.preset=tiny")
     p.set_defaults(func=_cmd_train)
 
+    # Later stages register their own subcommands: each module has `add_cli(subparsers)` and keeps
+    # heavy imports inside its functions, so `advcap --help` stays fast.
+    for module in CLI_MODULES:
+        importlib.import_module(module).add_cli(sub)
     return parser
 
 
