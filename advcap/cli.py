@@ -10,7 +10,7 @@ import sys
 from advcap.errors import AdvcapError
 
 
-CLI_MODULES: list[str] = []
+CLI_MODULES: list[str] = ["advcap.ablation", "advcap.report", "advcap.evaluate", "advcap.demo"]
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:

@@ -286,12 +286,12 @@ def _build_pair(
 
     arch = PRESET_ARCHS.get(str(model_cfg.preset))
     dropout = float(model_cfg.dropout)
-    encoder = _load_encoder(encoder_src, image_size) if encoder_src else _preset_encoder(arch, image_size, dropout)
-    decoder = _load_decoder(decoder_src) if decoder_src else _preset_decoder(arch, tokenizer, dropout)
+    encoder = _load_encoder(encoder_src, image_size) if encoder_src else preset_encoder(arch, image_size, dropout)
+    decoder = _load_decoder(decoder_src) if decoder_src else preset_decoder(arch, tokenizer, dropout)
     return VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
 
 
-def _preset_encoder(arch: PresetArch, image_size: int, dropout: float) -> PreTrainedModel:
+def preset_encoder(arch: PresetArch, image_size: int, dropout: float) -> PreTrainedModel:
     """A randomly initialised ViT without pooler (unused parameters would break DDP)."""
     from transformers import ViTConfig, ViTModel
 
@@ -309,8 +309,9 @@ def _preset_encoder(arch: PresetArch, image_size: int, dropout: float) -> PreTra
     return ViTModel(config, add_pooling_layer=False)
 
 
-def _preset_decoder(arch: PresetArch, tokenizer: Any, dropout: float) -> PreTrainedModel:
-    """A randomly initialised GPT-2 LM with cross-attention, vocabulary and special tokens from the tokenizer."""
+def preset_decoder(arch: PresetArch, tokenizer: Any, dropout: float, cross_attention: bool = True) -> PreTrainedModel:
+    """A randomly initialised GPT-2 LM (with cross-attention unless told otherwise: a stand-in for the
+    pretrained GPT-2 has none), vocabulary and special tokens from the tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
@@ -325,7 +326,7 @@ def _preset_decoder(arch: PresetArch, tokenizer: Any, dropout: float) -> PreTrai
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attn_pdrop=dropout,
-        add_cross_attention=True,
+        add_cross_attention=cross_attention,
     )
     return GPT2LMHeadModel(config)
 

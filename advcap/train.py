@@ -41,11 +41,13 @@ STATE_FILE = "trainer_state.json"
 class StopRequest:
     """Set by SIGUSR1/SIGTERM (preemption, time limit); acted on at the next step by all ranks."""
 
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
     def __init__(self):
         self.requested = False
 
     def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -83,7 +85,11 @@ def _micro_batches(stream: TrainStream, workers: int, consumed: int):
     epoch, skip = divmod(consumed, stream.batches_per_epoch)
     while True:
         stream.set_position(epoch, skip)
-        yield from make_loader(stream, workers)
+        # A DataLoader iterator draws its base seed from the global torch RNG (dropout's). A resumed run
+        # starts an iterator where an uninterrupted one does not, so that draw must not touch the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            loader = iter(make_loader(stream, workers))
+        yield from loader
         epoch, skip = epoch + 1, 0
 
 
@@ -100,6 +106,17 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = None) -> str:
     """Train the run `cfg` describes. Returns FINISHED, or STOPPED after a stop request (resumable)."""
+    # The stop handlers live only as long as the run: a caller that goes on (tests, a notebook, a driver that
+    # evaluates next) must get SIGTERM's usual meaning back.
+    previous = {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}
+    try:
+        return _train(cfg, resume, stop_at_step)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_schedule_with_warmup

@@ -61,3 +61,15 @@ def tokenizer(tmp_path_factory):
 
     rng = random.Random(0)
     return train_tokenizer([caption(rng) for _ in range(300)], tmp_path_factory.mktemp("tok"), vocab_size=300)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine extra threads
+    fight other processes for the cores (a micro ablation ran 10× slower with the default)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

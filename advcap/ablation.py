@@ -1,0 +1,384 @@
+"""The ablation: phases × seeds trained and evaluated locally, in sequence, into runs/<dataset>/<phase>/seed<k>/.
+
+The paired design: within a seed every phase starts from the same initialisation and sees the same data
+order and number of steps (both are functions of the config's data/train settings and train.seed), so
+the phase configs may differ only in PAIRED_KEYS; anything else is refused before any run starts.
+
+A run counts as done only if its resolved config matches the one asked for. Before running, each run dir
+is classified (`RunState`): new, resumable (checkpoints of an unfinished run), to evaluate (trained, no
+fresh metrics.json), finished (skipped), or conflict (its config.yaml differs: refused, never reused).
+A failed or refused run is logged and reported; the rest goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from advcap.errors import AdvcapError
+
+log = logging.getLogger(__name__)
+
+PAIRED_KEYS = ("train.mode", "train.clean_weight", "freeze", "attack", "run.phase")
+# Set by the ablation itself from --seeds / --out and the phase configs: never as overrides.
+OWN_KEYS = ("train.seed", "run.out", "run.dataset", "run.phase")
+TRANSFER = "transfer-fgsm"
+TRANSFER_SOURCE_PHASE = "baseline"
+
+
+class RunState:
+    """What a run directory holds relative to the config asked for (see classify)."""
+
+    NEW = "new"  # nothing there (or a config but neither checkpoints nor a finished run): train
+    RESUME = "resume"  # the same config, checkpoints of an unfinished run: continue from the latest
+    EVALUATE = "evaluate"  # trained with the same config; metrics.json missing or older than the model
+    FINISHED = "finished"  # trained and evaluated with the same config: skipped
+    CONFLICT = "conflict"  # config.yaml differs from the one asked for: refused
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One phase × seed of the ablation: the resolved config, its run dir and what it holds."""
+
+    phase: str
+    seed: int
+    config: Any  # advcap.config.Config
+    run_dir: Path
+    state: str  # a RunState value
+    detail: str = ""  # for CONFLICT: the differing keys
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of one planned run."""
+
+    phase: str
+    seed: int
+    run_dir: Path
+    status: str  # "done" (trained + evaluated) | "evaluated" | "skipped" | "refused" | "failed" | "stopped"
+    wall_time_s: float
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("done", "evaluated", "skipped")
+
+
+# ---------------------------------------------------------------- planning
+
+
+def phase_configs(
+    phases: Sequence[str], seed: int, out: str | Path, overrides: Sequence[str] = (), config_dir: str | Path | None = None
+) -> list[Any]:
+    """The resolved config of each phase for one seed, with its run dir at `out/<phase>/seed<seed>`.
+
+    `out` is runs/<dataset>: run.out becomes its parent and run.dataset its name. A phase is a config
+    name or path; with `config_dir`, `config_dir/<phase>.yaml` is preferred when it exists.
+    """
+    from advcap.config import load_config
+
+    out = Path(out)
+    if not out.name or out.name in (".", ".."):
+        raise AdvcapError(f"--out {out} must name a dataset folder, e.g. runs/demo")
+    own = [f"train.seed={seed}", f"run.out={out.parent}", f"run.dataset={out.name}"]
+    configs = []
+    for phase in phases:
+        source: str | Path = phase
+        if config_dir is not None and (Path(config_dir) / f"{phase}.yaml").is_file():
+            source = Path(config_dir) / f"{phase}.yaml"
+        configs.append(load_config(source, [*overrides, *own]))
+    return configs
+
+
+def check_paired(configs: Sequence[Any], phases: Sequence[str]) -> None:
+    """Raise AdvcapError unless the configs of one seed differ only in PAIRED_KEYS (and have distinct phases)."""
+    from advcap.config import diff_configs
+
+    names = [c.run.phase for c in configs]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise AdvcapError(
+                f"phases {phases[names.index(name)]!r} and {phases[i]!r} both set run.phase={name}: "
+                "they would share a run directory"
+            )
+    first = configs[0]
+    for phase, cfg in zip(phases[1:], configs[1:]):
+        diffs = diff_configs(first, cfg, ignore=("train.seed", *PAIRED_KEYS))
+        if diffs:
+            raise AdvcapError(
+                f"phases {phases[0]!r} and {phase!r} differ in {'; '.join(diffs)}: a paired ablation needs every "
+                f"phase of a seed to share data, model and training settings; only {', '.join(PAIRED_KEYS)} "
+                "(freeze.* and attack.* whole) may differ between phases"
+            )
+
+
+def _with_transfer(cfg: Any, baseline_dir: Optional[Path]) -> Any:
+    """Point transfer-fgsm at the same seed's baseline; the baseline itself has no transfer source.
+
+    An explicit eval.transfer_from (an override) is kept for every phase.
+    """
+    if TRANSFER not in cfg.eval.conditions or cfg.eval.transfer_from is not None:
+        return cfg
+    if cfg.run.phase == TRANSFER_SOURCE_PHASE:
+        conditions = [c for c in cfg.eval.conditions if c != TRANSFER]
+        return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, conditions=conditions))
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, transfer_from=str(baseline_dir)))
+
+
+def plan_ablation(
+    phases: Sequence[str],
+    seeds: Sequence[int],
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    config_dir: str | Path | None = None,
+) -> list[PlannedRun]:
+    """Resolve and validate every phase × seed config and classify its run dir; nothing is written.
+
+    Order: seed by seed; within a seed the phases as given, except that the baseline goes first when
+    transfer-fgsm needs it. Raises AdvcapError for a bad phase list, a forbidden override, or phase
+    configs that break the paired design.
+    """
+    from advcap.config import run_dir
+
+    if not phases:
+        raise AdvcapError("--phases needs at least one phase")
+    if not seeds:
+        raise AdvcapError("--seeds needs at least one seed")
+    if len(set(phases)) != len(phases):
+        raise AdvcapError(f"--phases lists a phase twice: {' '.join(phases)}")
+    if len(set(seeds)) != len(seeds):
+        raise AdvcapError(f"--seeds lists a seed twice: {' '.join(map(str, seeds))}")
+    for item in overrides:
+        key = item.partition("=")[0]
+        if key in OWN_KEYS:
+            raise AdvcapError(
+                f"override {item!r} is set by the ablation itself: use --seeds for train.seed, "
+                "--out runs/<dataset> for run.out/run.dataset, and the phase configs for run.phase"
+            )
+
+    plan = []
+    for seed in seeds:
+        configs = phase_configs(phases, seed, out, overrides, config_dir)
+        check_paired(configs, phases)
+        needs_baseline = any(TRANSFER in c.eval.conditions and c.eval.transfer_from is None for c in configs)
+        baseline = next((c for c in configs if c.run.phase == TRANSFER_SOURCE_PHASE), None)
+        if needs_baseline and baseline is None:
+            raise AdvcapError(
+                f"eval.conditions has {TRANSFER}, whose images the ablation crafts on the same seed's baseline: "
+                f"add {TRANSFER_SOURCE_PHASE} to --phases, or set eval.transfer_from to a run directory"
+            )
+        if needs_baseline:
+            configs = [baseline] + [c for c in configs if c is not baseline]
+        baseline_dir = run_dir(baseline) if baseline is not None else None
+        for cfg in configs:
+            cfg = _with_transfer(cfg, baseline_dir)
+            state, detail = classify(cfg)
+            plan.append(PlannedRun(cfg.run.phase, seed, cfg, run_dir(cfg), state, detail))
+    return plan
+
+
+def classify(cfg: Any) -> tuple[str, str]:
+    """(RunState, detail) of the run dir of `cfg`; detail names the differing keys of a CONFLICT."""
+    from advcap.config import diff_configs, load_config, run_dir
+
+    out = run_dir(cfg)
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return RunState.NEW, ""
+    diffs = diff_configs(load_config(saved), cfg, ignore=())
+    if diffs:
+        return RunState.CONFLICT, f"{out} holds a run with a different config ({'; '.join(diffs)})"
+    if not _training_finished(out):
+        return (RunState.RESUME, "") if _has_checkpoints(out) else (RunState.NEW, "")
+    if _metrics_fresh(out, cfg):
+        return RunState.FINISHED, ""
+    return RunState.EVALUATE, ""
+
+
+def _training_finished(out: Path) -> bool:
+    from advcap.train import STATE_FILE
+
+    state = out / STATE_FILE
+    try:
+        return bool(state.is_file() and json.loads(state.read_text()).get("finished"))
+    except ValueError:
+        return False
+
+
+def _has_checkpoints(out: Path) -> bool:
+    return any((out / "checkpoints").glob("step*"))
+
+
+def _newest_mtime(folder: Path) -> float:
+    """Newest modification time of the files in `folder` (0 if none)."""
+    return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=0.0)
+
+
+def _metrics_fresh(out: Path, cfg: Any) -> bool:
+    """metrics.json exists and is newer than the evaluated model (and the transfer source's model)."""
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        return False
+    models = [out / "hf"]
+    if TRANSFER in cfg.eval.conditions and cfg.eval.transfer_from:
+        models.append(Path(cfg.eval.transfer_from) / "hf")
+    return metrics.stat().st_mtime > max(_newest_mtime(m) for m in models)
+
+
+def format_plan(plan: Sequence[PlannedRun]) -> str:
+    """The plan as text: one line per run with what will happen to it."""
+    action = {
+        RunState.NEW: "train + evaluate",
+        RunState.RESUME: "resume training from the latest checkpoint + evaluate",
+        RunState.EVALUATE: "evaluate (already trained)",
+        RunState.FINISHED: "skip (finished with this config)",
+        RunState.CONFLICT: "refuse",
+    }
+    lines = []
+    if plan:
+        cfg = plan[0].config
+        conditions = list(dict.fromkeys(c for p in plan for c in p.config.eval.conditions))
+        lines.append(
+            f"ablation into {Path(cfg.run.out) / cfg.run.dataset}: {len({p.phase for p in plan})} phases × "
+            f"{len({p.seed for p in plan})} seeds, {cfg.train.steps} steps of global batch "
+            f"{cfg.train.global_batch_size} each, eval conditions {', '.join(conditions)}"
+        )
+    width = max((len(p.phase) for p in plan), default=0)
+    for i, p in enumerate(plan, 1):
+        line = f"[{i}/{len(plan)}] {p.phase:<{width}} seed {p.seed}  {p.run_dir}: {action[p.state]}"
+        if p.detail:
+            line += f": {p.detail}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_plan(plan: Sequence[PlannedRun]) -> list[RunResult]:
+    """Train and evaluate the planned runs in order; a failed or refused run never stops the others."""
+    results: list[RunResult] = []
+    failed_dirs: set[Path] = set()
+    for i, planned in enumerate(plan, 1):
+        started = time.perf_counter()
+        try:
+            status = _run_one(planned, failed_dirs)
+            error = "" if status != "stopped" else "training stopped on request (a checkpoint was saved)"
+        except Exception as err:  # noqa: BLE001 — any failure of one run is reported, the rest goes on
+            status = "refused" if planned.state == RunState.CONFLICT else "failed"
+            error = str(err) or type(err).__name__
+            if not isinstance(err, AdvcapError):
+                log.exception("%s seed %d failed", planned.phase, planned.seed)
+            failed_dirs.add(planned.run_dir)
+        result = RunResult(planned.phase, planned.seed, planned.run_dir, status, time.perf_counter() - started, error)
+        results.append(result)
+        line = f"[{i}/{len(plan)}] {planned.phase} seed {planned.seed}: {status} in {result.wall_time_s:.1f} s"
+        if error:
+            log.error("%s: %s", line, error)
+        else:
+            log.info("%s", line)
+        if status == "stopped":
+            # A stop request is a preemption or time limit: the job must end now, not start the next run.
+            log.warning("stopping the ablation; run it again to resume where it stopped")
+            break
+    return results
+
+
+def _run_one(planned: PlannedRun, failed_dirs: set[Path]) -> str:
+    from advcap.train import FINISHED, train
+
+    cfg = planned.config
+    if planned.state == RunState.CONFLICT:
+        raise AdvcapError(planned.detail + "; it is never reused: choose another --out or remove that run")
+    if planned.state == RunState.FINISHED:
+        return "skipped"
+    if planned.state in (RunState.NEW, RunState.RESUME):
+        if train(cfg, resume="latest" if planned.state == RunState.RESUME else None) != FINISHED:
+            return "stopped"
+    source = cfg.eval.transfer_from
+    if TRANSFER in cfg.eval.conditions and source and Path(source) in failed_dirs:
+        raise AdvcapError(f"trained, but not evaluated: {TRANSFER} needs the model of {source}, which failed")
+    from advcap.evaluate import evaluate
+
+    evaluate(planned.run_dir)
+    return "done" if planned.state != RunState.EVALUATE else "evaluated"
+
+
+def format_results(results: Sequence[RunResult]) -> str:
+    """A summary table of the outcomes, failed runs with their errors."""
+    width = max((len(r.phase) for r in results), default=0)
+    lines = [f"{r.phase:<{width}} seed {r.seed}  {r.status:<9} {r.wall_time_s:8.1f} s  {r.run_dir}" for r in results]
+    bad = [r for r in results if not r.ok]
+    if bad:
+        lines.append(f"{len(bad)} of {len(results)} runs not done:")
+        lines += [f"  {r.phase} seed {r.seed} ({r.status}): {r.error}" for r in bad]
+    return "\n".join(lines)
+
+
+def ablation(
+    phases: Sequence[str],
+    seeds: Sequence[int],
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    config_dir: str | Path | None = None,
+) -> list[RunResult]:
+    """Plan (validating the paired design) and run every phase × seed into `out/<phase>/seed<k>/`.
+
+    Args:
+        phases: config names or paths, e.g. ["baseline", "adversarial", "adv_train", "freeze_vit", "freeze_gpt"].
+        seeds: train.seed values; every phase is run with each.
+        out: runs/<dataset>; run.out is its parent, run.dataset its name.
+        overrides: dotted overrides applied to every phase (not train.seed / run.*).
+        config_dir: folder searched first for `<phase>.yaml`.
+    Returns one RunResult per run; check `.ok`. Raises AdvcapError only for a bad plan (nothing run).
+    """
+    plan = plan_ablation(phases, seeds, out, overrides, config_dir)
+    log.info("%s", format_plan(plan))
+    return run_plan(plan)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _cmd_ablation(args: argparse.Namespace) -> None:
+    # `--phases a b model.preset=tiny` would hand the overrides to --phases: take them back.
+    phases = [p for p in args.phases if "=" not in p]
+    overrides = [*(p for p in args.phases if "=" in p), *args.overrides]
+    plan = plan_ablation(phases, args.seeds, args.out, overrides, args.config_dir)
+    if args.dry_run:
+        print(format_plan(plan))
+        return
+    log.info("%s", format_plan(plan))
+    results = run_plan(plan)
+    print(format_results(results))
+    bad = [r for r in results if not r.ok]
+    not_started = len(plan) - len(results)
+    if bad or not_started:
+        names = ", ".join(f"{r.phase}/seed{r.seed} ({r.status})" for r in bad)
+        more = f"; {not_started} not started" if not_started else ""
+        raise AdvcapError(f"{len(bad)} of {len(plan)} runs not done: {names}{more}")
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register `advcap ablation`."""
+    p = subparsers.add_parser(
+        "ablation",
+        help="train + evaluate phases × seeds locally, in sequence, into OUT/<phase>/seed<k>/ (paired design)",
+        description="Finished runs with the same config are skipped, unfinished ones resumed; a run directory "
+        "holding a different config is refused (never reused). Failed runs are reported at the end and the "
+        "exit status is non-zero; the others still run.",
+    )
+    p.add_argument("--phases", nargs="+", required=True,
+                   help="phase config names or paths, e.g. baseline adversarial adv_train freeze_vit freeze_gpt")
+    p.add_argument("--seeds", nargs="+", type=int, required=True, help="train.seed values, e.g. 0 1 2")
+    p.add_argument("--out", required=True, help="runs/<dataset>: run dirs land in OUT/<phase>/seed<k>/")
+    p.add_argument("--config-dir", default=None, help="folder searched first for <phase>.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (what each run dir holds) and exit")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every phase, e.g. model.preset=tiny train.steps=100")
+    p.set_defaults(func=_cmd_ablation)

@@ -1,0 +1,608 @@
+"""The report: per phase, mean ± std over seeds of BLEU-4 on clean and attacked images, plus cost.
+
+`advcap report runs/<dataset>` reads only files of the run directories `runs/<dataset>/<phase>/seed<k>/`
+(config.yaml, provenance.json, metrics.json), so it works on runs made anywhere (locally, SLURM arrays).
+It writes report.md (the paper's Table 2/3 with n and std), report.csv (every number, tidy: one row per
+value), and two PNG plots. Runs of one phase are averaged only if their configs agree except for the
+seed and run.* (where the run lives); otherwise it refuses, naming the key, because such an average
+would mix two experiments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from advcap.errors import AdvcapError
+
+log = logging.getLogger(__name__)
+
+PAPER_PHASES = ("baseline", "adversarial", "adv_train", "freeze_vit", "freeze_gpt")
+MAIN_CONDITIONS = ("clean", "fgsm", "pgd", "transfer-fgsm")
+SPLIT_ORDER = ("train", "test", "val")
+# Paired differences (a − b) computed whenever both phases have runs; the first four are the paper's questions.
+DIFFERENCE_PAIRS = (
+    ("adv_train", "freeze_vit"),
+    ("adv_train", "freeze_gpt"),
+    ("freeze_vit", "freeze_gpt"),
+    ("adv_train", "baseline"),
+    ("adversarial", "baseline"),
+    ("adv_train", "adversarial"),
+    ("freeze_gpt_xattn", "freeze_gpt"),
+)
+# Keys in which the phases of one ablation legitimately differ (see advcap.ablation).
+PHASE_KEYS = ("train.mode", "train.clean_weight", "freeze", "attack", "run.phase")
+EPSILON_CONVENTION = "ε in [0,1] pixel units; the paper's 0.1 on ViT's [-1,1] inputs is 0.05 here"
+BAR_PLOT = "bleu4_clean_vs_attacked.png"
+EPSILON_PLOT = "bleu4_vs_epsilon.png"
+CSV_FIELDS = ("table", "phase", "split", "condition", "quantity", "n", "mean", "std", "seed", "value")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory as the report sees it."""
+
+    path: Path
+    phase: str
+    seed: int
+    config: Any  # advcap.config.Config
+    metrics: Optional[dict]  # {split: {condition: {"bleu1".."bleu4", "images"}}}; None if not evaluated
+    provenance: Optional[dict]  # None if training did not finish
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean ± sample std (ddof=1; nan for n < 2) of `values`, keyed by seed."""
+
+    values: dict[int, float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values.values()) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values.values()) if self.n >= 2 else math.nan
+
+    def text(self, n_expected: Optional[int] = None, digits: int = 3) -> str:
+        if not self.values:
+            return "—"
+        out = f"{self.mean:.{digits}f}"
+        if self.n >= 2:
+            out += f" ± {self.std:.{digits}f}"
+        if n_expected is not None and self.n != n_expected:
+            out += f" (n={self.n})"
+        return out
+
+
+@dataclass
+class Report:
+    """Everything the report shows; `main_table` is the markdown table also printed to stdout."""
+
+    root: Path
+    phases: list[str]
+    splits: list[str]
+    conditions: list[str]  # main conditions present, in MAIN_CONDITIONS order
+    sweep_conditions: list[str]  # fgsm@<eps> present, by ε
+    runs: dict[str, list[Run]]  # phase → its evaluated runs, by seed
+    missing: list[str]  # "<phase> seed<k>: why" for runs not averaged
+    warnings: list[str] = field(default_factory=list)
+    bleu: dict[tuple[str, str, str, str], Stat] = field(default_factory=dict)  # (phase, split, cond, bleuN)
+    blind: dict[str, Stat] = field(default_factory=dict)  # split → over all runs, keyed by run index
+    differences: dict[tuple[str, str, str], Stat] = field(default_factory=dict)  # ("a - b", split, cond)
+    cost: dict[tuple[str, str], Stat] = field(default_factory=dict)  # (phase, quantity)
+    epsilons: dict[str, float] = field(default_factory=dict)  # phase → attack.epsilon
+    main_table: str = ""
+
+
+# ---------------------------------------------------------------- reading run directories
+
+
+def find_runs(root: str | Path) -> tuple[list[Run], list[str]]:
+    """Every run dir `root/<phase>/seed<k>/` with a config.yaml; plus the runs that cannot be read.
+
+    Returns (runs, problems). A run without metrics.json is returned with metrics=None.
+    Raises AdvcapError if `root` holds no run at all.
+    """
+    from advcap.config import load_config
+
+    root = Path(root)
+    if not root.is_dir():
+        raise AdvcapError(f"{root} is not a directory; expected runs/<dataset> holding <phase>/seed<k>/ run dirs")
+    runs, problems = [], []
+    for path in sorted(root.glob("*/seed*/config.yaml")):
+        run_path = path.parent
+        try:
+            cfg = load_config(path)
+        except AdvcapError as err:
+            raise AdvcapError(f"cannot read the config of run {run_path}: {err}") from None
+        if cfg.run.phase != run_path.parent.name or f"seed{cfg.train.seed}" != run_path.name:
+            problems.append(
+                f"{run_path}: its config says phase {cfg.run.phase} seed {cfg.train.seed}, not where it lies: not used"
+            )
+            continue
+        runs.append(
+            Run(run_path, cfg.run.phase, cfg.train.seed, cfg, _read_json(run_path / "metrics.json"),
+                _read_json(run_path / "provenance.json"))
+        )
+    if not runs and not problems:
+        raise AdvcapError(
+            f"no runs under {root}: expected {root}/<phase>/seed<k>/config.yaml (point at runs/<dataset>, not runs/)"
+        )
+    return runs, problems
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise AdvcapError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise AdvcapError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def comparable_config(cfg: Any) -> dict:
+    """The config as a dict in which `eval.transfer_from` pointing at the run's own seed reads `.../seed<k>`.
+
+    An ablation sets each seed's transfer source to the same seed's baseline, which is the same
+    setting for every seed; without this, it would count as a difference between seeds.
+    """
+    from advcap.config import config_to_dict
+
+    data = config_to_dict(cfg)
+    source = data["eval"]["transfer_from"]
+    if source and Path(source).name == f"seed{cfg.train.seed}":
+        data["eval"]["transfer_from"] = str(Path(source).parent / "seed<k>")
+    return data
+
+
+def check_same_experiment(runs: Sequence[Run]) -> None:
+    """Raise AdvcapError unless the runs (of one phase) differ only in train.seed and run.* keys."""
+    from advcap.config import diff_configs
+
+    if not runs:
+        return
+    first = runs[0]
+    reference = comparable_config(first.config)
+    for run in runs[1:]:
+        diffs = diff_configs(reference, comparable_config(run.config), ignore=("train.seed", "run"))
+        if diffs:
+            raise AdvcapError(
+                f"refusing to average the {run.phase} runs: {first.path} and {run.path} differ in "
+                f"{'; '.join(diffs)} (only train.seed may differ between seeds of a phase). "
+                "Move one of them to another runs/<dataset> folder, or rerun it with the same config."
+            )
+
+
+# ---------------------------------------------------------------- the numbers
+
+
+def build_report(root: str | Path) -> Report:
+    """Read every run under `root` (= runs/<dataset>) and compute the report's numbers (no files written)."""
+    runs, problems = find_runs(root)
+    by_phase: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: r.seed):
+        by_phase.setdefault(run.phase, []).append(run)
+    phases = [p for p in PAPER_PHASES if p in by_phase] + sorted(p for p in by_phase if p not in PAPER_PHASES)
+
+    missing = list(problems)
+    evaluated: dict[str, list[Run]] = {}
+    all_seeds = sorted({r.seed for r in runs})
+    for phase in phases:
+        have = {r.seed: r for r in by_phase[phase]}
+        for seed in all_seeds:
+            run = have.get(seed)
+            if run is None:
+                missing.append(f"{phase} seed{seed}: no run directory")
+            elif run.metrics is None:
+                why = "training not finished" if run.provenance is None else "not evaluated"
+                missing.append(f"{phase} seed{seed}: no metrics.json ({why}) in {run.path}")
+        evaluated[phase] = [r for r in by_phase[phase] if r.metrics is not None]
+        check_same_experiment(evaluated[phase])
+
+    scored = [r for phase in phases for r in evaluated[phase]]
+    splits_present = {s for r in scored for s in r.metrics}
+    splits = [s for s in SPLIT_ORDER if s in splits_present] + sorted(splits_present - set(SPLIT_ORDER))
+    conds_present = {c for r in scored for split in r.metrics.values() for c in split}
+    conditions = [c for c in MAIN_CONDITIONS if c in conds_present]
+    sweep = sorted((c for c in conds_present if c.startswith("fgsm@")), key=_sweep_epsilon)
+
+    report = Report(Path(root), phases, splits, conditions, sweep, evaluated, missing)
+    report.warnings += _cross_phase_warnings(evaluated)
+    for phase in phases:
+        runs_here = evaluated[phase]
+        if runs_here:
+            report.epsilons[phase] = runs_here[0].config.attack.epsilon
+        for split in splits:
+            for cond in [*conditions, *sweep, "blind"]:
+                for quantity in ("bleu1", "bleu2", "bleu3", "bleu4"):
+                    values = {r.seed: v for r in runs_here if (v := _score(r, split, cond, quantity)) is not None}
+                    if values:
+                        report.bleu[(phase, split, cond, quantity)] = Stat(values)
+        for quantity, values in _cost_values(by_phase[phase]).items():
+            report.cost[(phase, quantity)] = Stat(values)
+    for split in splits:
+        values = {i: v for i, r in enumerate(scored) if (v := _score(r, split, "blind", "bleu4")) is not None}
+        if values:
+            report.blind[split] = Stat(values)
+    for a, b in DIFFERENCE_PAIRS:
+        if a not in phases or b not in phases:
+            continue
+        for split in splits:
+            for cond in conditions:
+                sa = report.bleu.get((a, split, cond, "bleu4"))
+                sb = report.bleu.get((b, split, cond, "bleu4"))
+                if sa and sb:
+                    common = sorted(set(sa.values) & set(sb.values))
+                    if common:
+                        report.differences[(f"{a} - {b}", split, cond)] = Stat(
+                            {s: sa.values[s] - sb.values[s] for s in common}
+                        )
+    report.main_table = _main_table(report)
+    return report
+
+
+def _score(run: Run, split: str, condition: str, quantity: str) -> Optional[float]:
+    entry = run.metrics.get(split, {}).get(condition)
+    if entry is None:
+        return None
+    try:
+        return float(entry[quantity])
+    except (KeyError, TypeError, ValueError):
+        raise AdvcapError(
+            f"{run.path / 'metrics.json'}: {split}/{condition} has no number {quantity!r}; "
+            "expected {split: {condition: {bleu1..bleu4, images}}}"
+        ) from None
+
+
+def _sweep_epsilon(condition: str) -> float:
+    from advcap.config import parse_condition
+
+    return parse_condition(condition)[1]
+
+
+def _cost_values(runs: Iterable[Run]) -> dict[str, dict[int, float]]:
+    """Trainable/frozen parameters, wall time and samples/s of training, by seed, from provenance.json."""
+    out: dict[str, dict[int, float]] = {}
+    for run in runs:
+        prov = run.provenance
+        if prov is None:
+            continue
+        total = (prov.get("parameters") or {}).get("total") or {}
+        for quantity, value in (
+            ("trainable_parameters", total.get("trainable")),
+            ("frozen_parameters", total.get("frozen")),
+            ("wall_time_s", prov.get("wall_time_s")),
+            ("train_samples_per_s", prov.get("train_samples_per_s")),
+        ):
+            if isinstance(value, (int, float)):
+                out.setdefault(quantity, {})[run.seed] = float(value)
+    return out
+
+
+def _cross_phase_warnings(evaluated: Mapping[str, list[Run]]) -> list[str]:
+    """Phases of a paired ablation differ only in their phase settings; say so when they do not."""
+    from advcap.config import diff_configs
+
+    firsts = [(phase, runs[0]) for phase, runs in evaluated.items() if runs]
+    if len(firsts) < 2:
+        return []
+    (ref_phase, ref), warnings = firsts[0], []
+    ignore = (*PHASE_KEYS, "train.seed", "run", "eval.transfer_from", "eval.conditions")
+    for phase, run in firsts[1:]:
+        diffs = diff_configs(comparable_config(ref.config), comparable_config(run.config), ignore=ignore)
+        if diffs:
+            warnings.append(
+                f"{ref_phase} and {phase} differ beyond their phase settings ({'; '.join(diffs)}): "
+                "their differences are not those of a paired design"
+            )
+    return warnings
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_report(root: str | Path, out: str | Path | None = None) -> Report:
+    """Build the report of `root` (= runs/<dataset>) and write report.md, report.csv and the PNG plots.
+
+    `out` defaults to `root/report`. Returns the Report (its `main_table` is what the CLI prints).
+    """
+    report = build_report(root)
+    out = Path(out) if out is not None else Path(root) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(report, out / "report.csv")
+    plots = [p for p in (_bar_plot(report, out / BAR_PLOT), _epsilon_plot(report, out / EPSILON_PLOT)) if p]
+    (out / "report.md").write_text(_markdown(report, plots), encoding="utf-8")
+    log.info("wrote %s/report.md, report.csv and %d plots", out, len(plots))
+    return report
+
+
+def _fmt_num(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.12g}"
+
+
+def _write_csv(report: Report, path: Path) -> None:
+    rows: list[dict] = []
+
+    def stat_row(table: str, phase: str, split: str, cond: str, quantity: str, stat: Stat) -> None:
+        rows.append(dict(table=table, phase=phase, split=split, condition=cond, quantity=quantity,
+                         n=stat.n, mean=_fmt_num(stat.mean), std=_fmt_num(stat.std)))
+
+    for (phase, split, cond, quantity), stat in report.bleu.items():
+        stat_row("summary", phase, split, cond, quantity, stat)
+    for (phase, split, cond, quantity), stat in report.bleu.items():
+        for seed, value in stat.values.items():
+            rows.append(dict(table="per_seed", phase=phase, split=split, condition=cond, quantity=quantity,
+                             seed=seed, value=_fmt_num(value)))
+    for split, stat in report.blind.items():
+        stat_row("blind", "all", split, "blind", "bleu4", stat)
+    for (pair, split, cond), stat in report.differences.items():
+        stat_row("difference", pair, split, cond, "bleu4", stat)
+        for seed, value in stat.values.items():
+            rows.append(dict(table="difference_per_seed", phase=pair, split=split, condition=cond,
+                             quantity="bleu4", seed=seed, value=_fmt_num(value)))
+    for (phase, quantity), stat in report.cost.items():
+        stat_row("cost", phase, "", "", quantity, stat)
+    for line in report.missing:
+        rows.append(dict(table="missing", phase=line.split(" ")[0], value=line))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table padded to aligned columns (it is printed to a terminal too)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _main_table(report: Report) -> str:
+    """Phase rows × split/condition columns of BLEU-4 mean ± std over seeds, then the blind row."""
+    columns = _main_columns(report)
+    header = ["phase", "n"] + [f"{split} {cond}" for split, cond in columns]
+    rows = []
+    for phase in report.phases:
+        n = len(report.runs[phase])
+        cells = [phase, str(n)]
+        for split, cond in columns:
+            stat = report.bleu.get((phase, split, cond, "bleu4"))
+            cells.append(stat.text(n) if stat else "—")
+        rows.append(cells)
+    if report.blind:
+        n_runs = sum(len(r) for r in report.runs.values())
+        cells = ["blind (zeroed images)", str(n_runs)]
+        for split, cond in columns:
+            stat = report.blind.get(split) if cond == "clean" else None
+            cells.append(stat.text(n_runs) if stat else "")
+        rows.append(cells)
+    return _md_table(header, rows)
+
+
+def _main_columns(report: Report) -> list[tuple[str, str]]:
+    """(split, condition) pairs of the main conditions that some phase has a score for."""
+    return [(s, c) for s in report.splits for c in report.conditions
+            if any((p, s, c, "bleu4") in report.bleu for p in report.phases)]
+
+
+def _markdown(report: Report, plots: Sequence[Path]) -> str:
+    n_runs = sum(len(r) for r in report.runs.values())
+    parts = [
+        f"# advcap report: {report.root}",
+        "",
+        f"BLEU-4 (corpus BLEU, what the paper calls \"BLEU score\"), mean ± sample std (ddof=1) over seeds; n = seeds "
+        f"averaged ({n_runs} evaluated runs). {EPSILON_CONVENTION}. fgsm is FGSM at each phase's attack.epsilon "
+        f"({_epsilons_text(report)}); transfer-fgsm feeds each run FGSM images crafted on another checkpoint "
+        "(in an ablation: the same seed's baseline).",
+        "",
+        "## BLEU-4 per phase, clean and attacked",
+        "",
+        report.main_table,
+        "",
+        "The blind row captions zeroed images (the model does not look), averaged over all runs: read every other "
+        "number against it.",
+    ]
+    if report.sweep_conditions:
+        parts += ["", "## BLEU-4 vs ε (FGSM sweep)", "", _sweep_table(report)]
+    parts += ["", "## Per-seed BLEU-4", "", _per_seed_table(report)]
+    if report.differences:
+        parts += [
+            "",
+            "## Paired differences (BLEU-4, a − b over the seeds both phases have)",
+            "",
+            "Within a seed the phases share initialisation, data order and step count, so per-seed differences "
+            "remove the seed's own variation: mean ± std of the per-seed differences, n = common seeds.",
+            "",
+            _difference_table(report),
+        ]
+    parts += ["", "## Cost of training (mean over seeds)", "", _cost_table(report)]
+    if plots:
+        parts += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    if report.warnings:
+        parts += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
+    parts += ["", "## Missing runs (not averaged)", ""]
+    parts += [f"- {m}" for m in report.missing] if report.missing else ["none"]
+    return "\n".join(parts) + "\n"
+
+
+def _epsilons_text(report: Report) -> str:
+    values = sorted(set(report.epsilons.values()))
+    if len(values) == 1:
+        return f"ε = {values[0]:g}"
+    return ", ".join(f"{p}: ε = {e:g}" for p, e in report.epsilons.items())
+
+
+def _sweep_table(report: Report) -> str:
+    curves = {(p, s): _epsilon_curve(report, p, s) for p in report.phases for s in report.splits}
+    epsilons = sorted({eps for curve in curves.values() for eps in curve})
+    header = ["phase", "split"] + [f"ε={eps:g}" + (" (clean)" if eps == 0 else "") for eps in epsilons]
+    rows = [[p, s] + [curve[eps].text() if eps in curve else "—" for eps in epsilons]
+            for (p, s), curve in curves.items() if curve]
+    return _md_table(header, rows)
+
+
+def _epsilon_curve(report: Report, phase: str, split: str) -> dict[float, Stat]:
+    """ε → BLEU-4 of a phase: clean at ε=0, fgsm at the phase's attack.epsilon, and the fgsm@ε sweep."""
+    curve = {}
+    for cond, eps in [("clean", 0.0), ("fgsm", report.epsilons.get(phase)),
+                      *((c, _sweep_epsilon(c)) for c in report.sweep_conditions)]:
+        stat = report.bleu.get((phase, split, cond, "bleu4"))
+        if stat and eps is not None:
+            curve.setdefault(eps, stat)  # fgsm@ε equal to attack.epsilon is the same attack: shown once
+    return dict(sorted(curve.items()))
+
+
+def _per_seed_table(report: Report) -> str:
+    conds = [*report.conditions, *report.sweep_conditions, "blind"]
+    columns = [(s, c) for s in report.splits for c in conds
+               if any((p, s, c, "bleu4") in report.bleu for p in report.phases)]
+    header = ["phase", "seed"] + [f"{s} {c}" for s, c in columns]
+    rows = []
+    for phase in report.phases:
+        for run in report.runs[phase]:
+            cells = [phase, str(run.seed)]
+            for split, cond in columns:
+                value = _score(run, split, cond, "bleu4")
+                cells.append("—" if value is None else f"{value:.3f}")
+            rows.append(cells)
+    return _md_table(header, rows)
+
+
+def _difference_table(report: Report) -> str:
+    pairs = list(dict.fromkeys(pair for pair, _, _ in report.differences))
+    columns = [(s, c) for s in report.splits for c in report.conditions
+               if any((p, s, c) in report.differences for p in pairs)]
+    header = ["a − b", "n"] + [f"{s} {c}" for s, c in columns]
+    rows = []
+    for pair in pairs:
+        stats = [report.differences.get((pair, s, c)) for s, c in columns]
+        n = max(s.n for s in stats if s)
+        rows.append([pair.replace(" - ", " − "), str(n)] + [_signed(s, n) for s in stats])
+    return _md_table(header, rows)
+
+
+def _signed(stat: Optional[Stat], n: int) -> str:
+    if stat is None:
+        return "—"
+    text = f"{stat.mean:+.3f}"
+    if stat.n >= 2:
+        text += f" ± {stat.std:.3f}"
+    return text + (f" (n={stat.n})" if stat.n != n else "")
+
+
+def _cost_table(report: Report) -> str:
+    header = ["phase", "n", "trainable params", "frozen params", "wall time (s)", "train samples/s"]
+    rows = []
+    for phase in report.phases:
+        stats = [report.cost.get((phase, q)) for q in
+                 ("trainable_parameters", "frozen_parameters", "wall_time_s", "train_samples_per_s")]
+        n = max((s.n for s in stats if s), default=0)
+        rows.append([
+            phase,
+            str(n),
+            *(f"{s.mean:,.0f}" if s else "—" for s in stats[:2]),
+            *(f"{s.mean:.1f}" if s else "—" for s in stats[2:]),
+        ])
+    return _md_table(header, rows)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure(n_panels: int):
+    # The object API with no pyplot: renders through Agg without touching matplotlib's global backend.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, 5.5 * n_panels), 4.2), layout="constrained")
+    return fig, fig.subplots(1, n_panels, squeeze=False)[0]
+
+
+def _bar_plot(report: Report, path: Path) -> Optional[Path]:
+    """Grouped bars: per phase, BLEU-4 clean and under each attack (std error bars), one panel per split."""
+    if not report.splits or not report.conditions:
+        return None
+    fig, axes = _figure(len(report.splits))
+    width = 0.8 / len(report.conditions)
+    for ax, split in zip(axes, report.splits):
+        for i, cond in enumerate(report.conditions):
+            stats = [report.bleu.get((p, split, cond, "bleu4")) for p in report.phases]
+            xs = [k + (i - (len(report.conditions) - 1) / 2) * width for k in range(len(report.phases))]
+            means = [s.mean if s else math.nan for s in stats]  # nan: no bar
+            errs = [s.std if s and s.n >= 2 else 0.0 for s in stats]
+            ax.bar(xs, means, width, yerr=errs, capsize=3, label=cond)
+        if split in report.blind:
+            ax.axhline(report.blind[split].mean, color="gray", linestyle="--", linewidth=1, label="blind")
+        ax.set_xticks(range(len(report.phases)), report.phases, rotation=20)
+        ax.set_title(f"{split}: BLEU-4, mean ± std over seeds")
+        ax.set_ylabel("BLEU-4")
+        top = max((s.mean + (s.std if s.n >= 2 else 0.0) for (_, sp, _, q), s in report.bleu.items()
+                   if sp == split and q == "bleu4"), default=1.0)
+        ax.set_ylim(0, max(top, 1e-3) * 1.3)  # headroom for the legend
+        ax.legend(fontsize="small", ncols=len(report.conditions) + 1, loc="upper center")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _epsilon_plot(report: Report, path: Path) -> Optional[Path]:
+    """BLEU-4 vs FGSM ε per phase: clean at ε=0, fgsm at attack.epsilon, fgsm@ε of the sweep."""
+    if not report.splits:
+        return None
+    fig, axes = _figure(len(report.splits))
+    drawn = False
+    for ax, split in zip(axes, report.splits):
+        for phase in report.phases:
+            curve = _epsilon_curve(report, phase, split)
+            if curve:
+                errors = [s.std if s.n >= 2 else 0.0 for s in curve.values()]
+                ax.errorbar(list(curve), [s.mean for s in curve.values()], yerr=errors, marker="o", capsize=3, label=phase)
+                drawn = True
+        if split in report.blind:
+            ax.axhline(report.blind[split].mean, color="gray", linestyle="--", linewidth=1, label="blind")
+        ax.set_xlabel("FGSM ε ([0,1] pixel units)")
+        ax.set_ylabel("BLEU-4")
+        ax.set_title(f"{split}: BLEU-4 vs ε")
+        ax.legend(fontsize="small")
+    if not drawn:
+        return None
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    report = write_report(args.runs, args.out)
+    out = Path(args.out) if args.out else Path(args.runs) / "report"
+    print(report.main_table)
+    if report.missing:
+        print(f"\nmissing (not averaged): {len(report.missing)} runs; see {out / 'report.md'}")
+    print(f"\nwrote {out / 'report.md'}, {out / 'report.csv'} and plots")
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register `advcap report`."""
+    p = subparsers.add_parser(
+        "report",
+        help="mean ± std over seeds per phase of BLEU-4 (clean/attacked), paired differences, cost, plots",
+        description="Reads only run-directory files (config.yaml, provenance.json, metrics.json) under "
+        "RUNS/<phase>/seed<k>/ and writes report.md, report.csv and PNG plots. " + EPSILON_CONVENTION + ".",
+    )
+    p.add_argument("runs", help="the ablation folder runs/<dataset>")
+    p.add_argument("--out", default=None, help="output directory (default: RUNS/report)")
+    p.set_defaults(func=_cmd_report)

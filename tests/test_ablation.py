@@ -1,0 +1,203 @@
+"""advcap ablation: the plan, the paired-design check, and a micro end-to-end ablation (train → eval → report)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_karpathy
+
+from advcap.ablation import RunState, plan_ablation
+from advcap.cli import main
+from advcap.errors import AdvcapError
+
+PHASES = ["baseline", "adv_train"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine extra threads spin
+    against other processes: measured here, the micro ablation took 106 s with torch's default vs 11 s with 1."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny shard set (30 images: 12 train, 6 restval, 6 val, 6 test) and a tokenizer trained on it."""
+    from advcap.data.manifest import load_manifest
+    from advcap.data.shardwriter import convert
+    from advcap.tokenizer import train_captions, train_tokenizer
+
+    root = tmp_path_factory.mktemp("abl_data")
+    annotations, images = make_karpathy(root / "src", 30)
+    convert("karpathy", annotations, images, root / "shards", resize=0, shard_size=100)
+    train_tokenizer(train_captions(load_manifest(root / "shards")), root / "tok", vocab_size=300)
+    return root
+
+
+def tiny(data: Path, conditions: str = "[clean,fgsm,blind]") -> list[str]:
+    return [
+        "model.preset=tiny", "data.image_size=32", "data.workers=0", "data.shuffle_buffer=16",
+        f"data.shards={data / 'shards'}", f"data.tokenizer={data / 'tok'}",
+        "train.steps=3", "train.global_batch_size=8", "train.warmup_steps=1", "train.log_every_steps=1",
+        "train.checkpoint_every_steps=3", "eval.train_subset_images=8", "eval.batch_size=8",
+        "eval.max_new_tokens=6", f"eval.conditions={conditions}",
+    ]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(data, tmp_path, capsys):
+    out = tmp_path / "runs" / "toy"
+    main(["ablation", "--phases", *PHASES, "--seeds", "0", "1", "--out", str(out), "--dry-run", *tiny(data)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "2 phases × 2 seeds, 3 steps of global batch 8" in lines[0]
+    runs = [line.split("]")[1].split()[:3] for line in lines[1:]]
+    assert runs == [["baseline", "seed", "0"], ["adv_train", "seed", "0"], ["baseline", "seed", "1"], ["adv_train", "seed", "1"]]
+    assert all(line.endswith("train + evaluate") for line in lines[1:])
+    assert str(out / "adv_train" / "seed1") in lines[4]
+    assert not out.exists()
+
+
+def test_phases_that_break_the_paired_design_are_refused(data, tmp_path, capsys):
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("parent: adv_train\ntrain:\n  lr: 1.0e-4\nrun:\n  phase: odd\n")
+    with pytest.raises(AdvcapError, match=r"'baseline' and .*odd\.yaml' differ in train\.lr: 5e-5 != 0\.0001"):
+        plan_ablation(["baseline", str(odd)], [0], tmp_path / "runs" / "toy", tiny(data))
+    # Through the CLI: one line, exit status 2, nothing written.
+    with pytest.raises(SystemExit) as exc:
+        main(["ablation", "--phases", "baseline", str(odd), "--seeds", "0", "--out", str(tmp_path / "r" / "t"), *tiny(data)])
+    assert exc.value.code == 2 and "train.lr" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    # Phase settings may differ (freeze.*, train.mode, attack.*), and a --config-dir file is found by name.
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "eps.yaml").write_text("parent: freeze_gpt\nattack:\n  epsilon: 0.1\nrun:\n  phase: eps\n")
+    plan = plan_ablation(["baseline", "eps"], [0], tmp_path / "runs" / "toy", tiny(data), config_dir=tmp_path / "cfgs")
+    assert [p.config.attack.epsilon for p in plan] == [0.05, 0.1]
+    # The ablation owns the seed and the run location.
+    with pytest.raises(AdvcapError, match="--seeds"):
+        plan_ablation(PHASES, [0], tmp_path / "runs" / "toy", [*tiny(data), "train.seed=3"])
+
+
+def test_transfer_condition_uses_the_same_seeds_baseline(data, tmp_path):
+    out = tmp_path / "runs" / "toy"
+    overrides = tiny(data, "[clean,transfer-fgsm]")
+    plan = plan_ablation(["freeze_vit", "baseline"], [0, 4], out, overrides)
+    assert [(p.phase, p.seed) for p in plan] == [("baseline", 0), ("freeze_vit", 0), ("baseline", 4), ("freeze_vit", 4)]
+    assert plan[1].config.eval.transfer_from == str(out / "baseline" / "seed0")
+    assert plan[3].config.eval.transfer_from == str(out / "baseline" / "seed4")
+    assert plan[0].config.eval.conditions == ["clean"] and plan[0].config.eval.transfer_from is None
+    with pytest.raises(AdvcapError, match="add baseline to --phases"):
+        plan_ablation(["freeze_vit"], [0], out, overrides)
+
+
+def _mtimes(out: Path, name: str) -> dict[Path, float]:
+    return {p: p.stat().st_mtime_ns for p in sorted(out.glob(f"*/seed*/{name}"))}
+
+
+@pytest.mark.slow
+def test_micro_ablation_end_to_end(data, tmp_path, capsys):
+    """2 phases × 2 seeds trained and evaluated; the report's numbers are the runs' metrics.json;
+    a second call skips everything; a changed override is refused for every run, not skipped."""
+    out = tmp_path / "runs" / "toy"
+    args = ["ablation", "--phases", *PHASES, "--seeds", "0", "1", "--out", str(out),
+            *tiny(data, "[clean,fgsm,blind,transfer-fgsm]")]
+    main(args)
+    run_dirs = sorted(out.glob("*/seed*"))
+    assert [p.relative_to(out).as_posix() for p in run_dirs] == [
+        "adv_train/seed0", "adv_train/seed1", "baseline/seed0", "baseline/seed1"]
+    for run in run_dirs:
+        for name in ("config.yaml", "provenance.json", "metrics.json", "predictions.jsonl", "hf/model.safetensors"):
+            assert (run / name).is_file(), run / name
+        assert json.loads((run / "trainer_state.json").read_text())["finished"] is True
+    capsys.readouterr()
+
+    main(["report", str(out)])
+    assert "baseline" in capsys.readouterr().out
+    with open(out / "report" / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for phase in PHASES:
+        metrics = [json.loads((out / phase / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+        for split in ("train", "test"):
+            for cond in ("clean", "fgsm", "blind"):
+                values = [m[split][cond]["bleu4"] for m in metrics]
+                (row,) = [r for r in rows if (r["table"], r["phase"], r["split"], r["condition"], r["quantity"])
+                          == ("summary", phase, split, cond, "bleu4")]
+                assert int(row["n"]) == 2
+                assert float(row["mean"]) == pytest.approx(sum(values) / 2, abs=1e-9)
+                assert float(row["std"]) == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=1e-9)
+    # transfer-fgsm: adv_train attacked with images crafted on the same seed's baseline; none for the baseline.
+    for seed in (0, 1):
+        assert "transfer-fgsm" not in json.loads((out / "baseline" / f"seed{seed}" / "metrics.json").read_text())["test"]
+        adv = json.loads((out / "adv_train" / f"seed{seed}" / "metrics.json").read_text())
+        assert adv["test"]["transfer-fgsm"]["images"] == 6
+        info = json.loads((out / "adv_train" / f"seed{seed}" / "evaluation.json").read_text())
+        assert info["transfer_from"] == str(out / "baseline" / f"seed{seed}")
+    assert {r["phase"] for r in rows if r["table"] == "summary" and r["condition"] == "transfer-fgsm"} == {"adv_train"}
+    (diff_row,) = [r for r in rows if (r["table"], r["phase"], r["split"], r["condition"])
+                   == ("difference", "adv_train - baseline", "test", "fgsm")]
+    per_seed = [json.loads((out / "adv_train" / f"seed{s}" / "metrics.json").read_text())["test"]["fgsm"]["bleu4"]
+                - json.loads((out / "baseline" / f"seed{s}" / "metrics.json").read_text())["test"]["fgsm"]["bleu4"]
+                for s in (0, 1)]
+    assert float(diff_row["mean"]) == pytest.approx(sum(per_seed) / 2, abs=1e-9)
+    assert (out / "report" / "bleu4_clean_vs_attacked.png").is_file()
+
+    # Paired design: within a seed both phases trained the same steps on the same global batch.
+    prov = {p: json.loads((out / p / "seed0" / "provenance.json").read_text()) for p in PHASES}
+    assert prov["baseline"]["global_batch_size"] == prov["adv_train"]["global_batch_size"] == 8
+
+    # Again: everything is finished with this config, so nothing is retrained or re-evaluated.
+    states, metrics_times = _mtimes(out, "trainer_state.json"), _mtimes(out, "metrics.json")
+    started = time.perf_counter()
+    main(args)
+    assert time.perf_counter() - started < 10
+    assert capsys.readouterr().out.count("skipped") == 4
+    assert _mtimes(out, "trainer_state.json") == states and _mtimes(out, "metrics.json") == metrics_times
+
+    # A changed override: every run dir holds another config, so every run is refused, none reused.
+    configs = _mtimes(out, "config.yaml")
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "train.lr=1e-4"])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("refused") >= 4
+    assert "4 of 4 runs not done" in captured.err
+    assert "train.lr: 5e-5 != 0.0001" in captured.out
+    assert _mtimes(out, "config.yaml") == configs and _mtimes(out, "metrics.json") == metrics_times
+
+
+@pytest.mark.slow
+def test_failed_run_is_reported_and_the_rest_goes_on(data, tmp_path, capsys):
+    """A phase whose freeze policy leaves nothing to train fails; the other phase, interrupted before
+    (as if preempted), is resumed from its checkpoint, finished and evaluated."""
+    from advcap.train import STOPPED, train
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("parent: baseline\nfreeze:\n  modules: encoder\n  also_freeze: ['.']\nrun:\n  phase: broken\n")
+    out = tmp_path / "runs" / "toy"
+    (baseline,) = [p for p in plan_ablation([str(broken), "baseline"], [0], out, tiny(data, "[clean]")) if p.phase == "baseline"]
+    assert train(baseline.config, stop_at_step=1) == STOPPED
+    (baseline,) = [p for p in plan_ablation([str(broken), "baseline"], [0], out, tiny(data, "[clean]")) if p.phase == "baseline"]
+    assert baseline.state == RunState.RESUME
+    with pytest.raises(SystemExit) as exc:
+        main(["ablation", "--phases", str(broken), "baseline", "--seeds", "0", "--out", str(out), *tiny(data, "[clean]")])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert "1 of 2 runs not done: broken/seed0 (failed)" in captured.err
+    assert "no trainable parameter" in captured.out
+    assert (out / "baseline" / "seed0" / "metrics.json").is_file()
+    assert json.loads((out / "baseline" / "seed0" / "provenance.json").read_text())["resumed_at_step"] == 1
+    assert json.loads((out / "baseline" / "seed0" / "trainer_state.json").read_text())["step"] == 3
+    assert not (out / "broken" / "seed0" / "metrics.json").exists()
+    # The plan now shows what each run dir holds.
+    main(["ablation", "--phases", str(broken), "baseline", "--seeds", "0", "--out", str(out), "--dry-run", *tiny(data, "[clean]")])
+    plan = capsys.readouterr().out
+    assert "baseline seed 0" in plan and "skip (finished with this config)" in plan
+    states = {p.phase: p.state for p in plan_ablation([str(broken), "baseline"], [0], out, tiny(data, "[clean]"))}
+    assert states == {"broken": RunState.NEW, "baseline": RunState.FINISHED}

@@ -1,0 +1,293 @@
+"""Evaluation of a real (tiny) trained run: output schema and counts, BLEU recomputed from the predictions,
+attacks and the blind condition changing captions, transfer, best-val, TensorBoard, the CLI, and 1 vs 2
+ranks giving identical results.
+
+The run learns a task a tiny model masters in 60 steps: plain-colour images whose five captions name the
+colour ("a red square", "the blue square", …), so its clean captions depend on the image and attacks
+and blanking have something to change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from advcap.bleu import corpus_bleu_scores
+from advcap.cli import main
+from advcap.config import load_config, run_dir
+from advcap.data.manifest import load_manifest
+from advcap.data.shardwriter import convert
+from advcap.errors import AdvcapError
+from advcap.evaluate import caption_labels, checkpoints, evaluate, load_checkpoint_weights, load_model
+from advcap.tokenizer import train_captions, train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+S = 32
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+TEMPLATES = ("a {} square", "a {} image", "a {} picture", "{} square", "the {} square")
+CONDITIONS = ["clean", "fgsm", "fgsm@0.3", "pgd", "blind", "transfer-fgsm"]
+TRAIN_SUBSET = 10
+STEPS = 60
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread than on two contended cores; restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_colour_set(root: Path, n_images: int = 48) -> tuple[Path, Path]:
+    """A Karpathy-split file over plain-colour JPEGs: every 8th image is test, the one before it val."""
+    rng = random.Random(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(n_images):
+        colour = list(COLORS)[i % 3]
+        rgb = tuple(min(255, max(0, c + rng.randrange(-25, 26))) for c in COLORS[colour])
+        name = f"img_{i:03d}.jpg"
+        Image.new("RGB", (S, S), rgb).save(root / "images" / name, quality=95)
+        split = "test" if i % 8 == 7 else "val" if i % 8 == 6 else "train"
+        entries.append({"filename": name, "imgid": i, "split": split, "sentences": [{"raw": t.format(colour)} for t in TEMPLATES]})
+    (root / "captions.json").write_text(json.dumps({"images": entries}))
+    return root / "captions.json", root / "images"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A finished run: 60 steps of the tiny preset, checkpoints at steps 40 and 60 kept."""
+    from advcap.train import train
+
+    root = tmp_path_factory.mktemp("eval")
+    annotations, images = make_colour_set(root / "src")
+    # resize=0 keeps the JPEG bytes, so the source files are exactly what the shards hold.
+    convert("karpathy", annotations, images, root / "shards", shard_size=8, resize=0)
+    train_tokenizer(train_captions(load_manifest(root / "shards")), root / "tok", vocab_size=300)
+    overrides = [
+        "model.preset=tiny", f"data.image_size={S}", "data.workers=0", f"train.steps={STEPS}",
+        "train.global_batch_size=8", "train.warmup_steps=1", "train.lr=1e-2", "model.dropout=0.0",
+        "train.checkpoint_every_steps=20", "train.keep_checkpoints=2", f"run.out={root / 'runs'}",
+        f"data.shards={root / 'shards'}", f"data.tokenizer={root / 'tok'}",
+        "eval.splits=[test,train]", f"eval.train_subset_images={TRAIN_SUBSET}", "eval.batch_size=4",
+        "eval.max_new_tokens=8", "eval.pgd_steps=2", "eval.pgd_step_size=0.05",
+        f"eval.conditions=[{','.join(CONDITIONS)}]",
+    ]
+    out = run_dir(load_config(None, overrides))
+    # Transfer from the run itself: transfer-fgsm must then equal white-box fgsm exactly.
+    cfg = load_config(None, [*overrides, f"eval.transfer_from={out}"])
+    train(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(run) -> dict:
+    """One in-process (1 rank) evaluation with the run's settings; the files' contents as they were written."""
+    returned = evaluate(run)
+    return {
+        "returned": returned,
+        "metrics_text": (run / "metrics.json").read_text(),
+        "predictions_text": (run / "predictions.jsonl").read_text(),
+        "metrics": json.loads((run / "metrics.json").read_text()),
+        "predictions": [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()],
+        "info": json.loads((run / "evaluation.json").read_text()),
+    }
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    """A copy of the run (its own output files), for evaluations that must not overwrite the shared ones."""
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def by_split(predictions: list[dict], split: str) -> list[dict]:
+    return [p for p in predictions if p["split"] == split]
+
+
+def test_outputs_have_the_schema_and_the_split_counts(run, evaluated):
+    metrics, predictions = evaluated["metrics"], evaluated["predictions"]
+    assert evaluated["returned"] == metrics
+    manifest = load_manifest(load_config(run / "config.yaml").data.shards)
+    expected = {"test": manifest.samples("test"), "train": min(TRAIN_SUBSET, manifest.samples("train"))}
+    assert expected == {"test": 6, "train": 10}
+    assert list(metrics) == ["test", "train"]
+    for split, n in expected.items():
+        assert list(metrics[split]) == CONDITIONS
+        for values in metrics[split].values():
+            assert set(values) == {"bleu1", "bleu2", "bleu3", "bleu4", "images"} and values["images"] == n
+            assert all(0.0 <= values[f"bleu{k}"] <= 1.0 for k in range(1, 5))
+        lines = by_split(predictions, split)
+        assert len(lines) == n
+        for line in lines:
+            assert list(line) == ["image_id", "split", "references", "captions"]
+            assert list(line["captions"]) == CONDITIONS and len(line["references"]) == 5
+    # The test split whole; the train subset is the first images in the loader's order (the manifest's:
+    # sorted by image id), and predictions follow that order.
+    assert [p["image_id"] for p in by_split(predictions, "test")] == [f"img_{i:03d}" for i in range(7, 48, 8)]
+    train_ids = sorted(f"img_{i:03d}" for i in range(48) if i % 8 < 6)
+    assert [p["image_id"] for p in by_split(predictions, "train")] == train_ids[:TRAIN_SUBSET]
+    assert evaluated["info"]["select"] == "final" and evaluated["info"]["step"] == STEPS
+    assert evaluated["info"]["conditions"]["fgsm@0.3"] == {"kind": "fgsm", "epsilon": 0.3}
+    assert evaluated["info"]["conditions"]["pgd"] == {"kind": "pgd", "epsilon": 0.05}  # attack.epsilon
+
+
+def test_bleu_in_metrics_is_recomputed_from_the_predictions(evaluated):
+    for split, by_condition in evaluated["metrics"].items():
+        lines = by_split(evaluated["predictions"], split)
+        for condition, values in by_condition.items():
+            scores = corpus_bleu_scores([p["captions"][condition] for p in lines], [p["references"] for p in lines])
+            assert scores == {k: v for k, v in values.items() if k != "images"}
+    # The run learned to name colours: clean captions beat the captions of a model that does not look.
+    test = evaluated["metrics"]["test"]
+    assert test["clean"]["bleu1"] > test["blind"]["bleu1"]
+
+
+def test_attacks_and_blanking_change_captions(evaluated):
+    predictions = evaluated["predictions"]
+    assert any(p["captions"]["fgsm@0.3"] != p["captions"]["clean"] for p in predictions)
+    assert any(p["captions"]["blind"] != p["captions"]["clean"] for p in predictions)
+    # Blind means all-zero images: one and the same caption for every image.
+    assert len({p["captions"]["blind"] for p in predictions}) == 1
+
+
+def test_transfer_from_the_same_model_is_white_box_fgsm(evaluated):
+    assert all(p["captions"]["transfer-fgsm"] == p["captions"]["fgsm"] for p in evaluated["predictions"])
+
+
+def test_metrics_are_logged_to_the_runs_tensorboard(run, evaluated):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for split in ("test", "train"):
+        for condition in CONDITIONS:
+            for n in range(1, 5):
+                (event,) = events.Scalars(f"eval/{split}/{condition}/bleu{n}")
+                assert event.step == STEPS
+                assert event.value == pytest.approx(evaluated["metrics"][split][condition][f"bleu{n}"], abs=1e-6)
+
+
+def test_caption_labels_keep_tokens_up_to_the_first_eos():
+    eos = 0
+    ids = torch.tensor([[eos, 5, 6, eos, eos], [eos, 7, 8, 9, 10], [eos, eos, eos, eos, eos]])
+    assert caption_labels(ids, eos).tolist() == [[5, 6, 0, -100], [7, 8, 9, 10], [0, -100, -100, -100]]
+
+
+def test_checkpoint_weights_load_into_the_exported_architecture(run):
+    exported, _ = load_model(run)
+    kept = checkpoints(run)
+    assert [c.name for c in kept] == ["step00000040", "step00000060"]
+    last, _ = load_model(run)
+    load_checkpoint_weights(last, kept[-1])  # the final checkpoint is what hf/ exported
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), last.state_dict().values()))
+    earlier, _ = load_model(run)
+    load_checkpoint_weights(earlier, kept[0])
+    assert not all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), earlier.state_dict().values()))
+
+
+def test_best_val_evaluates_the_kept_checkpoint_with_the_best_val_bleu4(run, evaluated, tmp_path):
+    copy = copy_run(run, tmp_path)
+    metrics = evaluate(copy, select="best-val", conditions=["clean"], splits=["test"])
+    info = json.loads((copy / "evaluation.json").read_text())
+    scores = info["val_bleu4"]
+    assert set(scores) == {"step00000040", "step00000060"}
+    best = max(scores, key=lambda name: (scores[name], name))
+    assert info["weights"] == f"checkpoints/{best}" and info["step"] == int(best[4:])
+    assert list(metrics) == ["test"] and list(metrics["test"]) == ["clean"]
+    if best == "step00000060":  # the final weights: the same captions as the final evaluation
+        clean = [p["captions"]["clean"] for p in by_split(evaluated["predictions"], "test")]
+        lines = [json.loads(line) for line in (copy / "predictions.jsonl").read_text().splitlines()]
+        assert [p["captions"]["clean"] for p in lines] == clean
+
+
+def test_pgd_can_target_the_models_own_clean_caption(run, tmp_path):
+    copy = copy_run(run, tmp_path)
+    metrics = evaluate(copy, conditions=["clean", "pgd"], splits=["test"], overrides=["eval.pgd_target=clean_caption"])
+    info = json.loads((copy / "evaluation.json").read_text())
+    assert info["pgd"]["target"] == "clean_caption" and info["overrides"] == ["eval.pgd_target=clean_caption"]
+    assert metrics["test"]["pgd"]["images"] == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"select": "best"}, "--select 'best'"),
+        ({"conditions": ["fgsm@2"]}, "fgsm@2"),
+        ({"conditions": ["clean", "clean"]}, "given twice"),
+        ({"splits": ["dev"]}, "'dev'"),
+        ({"conditions": ["transfer-fgsm"], "overrides": ["eval.transfer_from=null"]}, "needs eval.transfer_from"),
+        ({"overrides": ["train.lr=1"]}, "only eval"),
+        ({"overrides": ["eval.num_beams=0"]}, "eval.num_beams"),
+    ],
+)
+def test_user_mistakes_are_errors(run, kwargs, message):
+    with pytest.raises(AdvcapError, match=message):
+        evaluate(run, **kwargs)
+
+
+def test_an_unfinished_run_is_refused(run, tmp_path):
+    (tmp_path / "config.yaml").write_text((run / "config.yaml").read_text())
+    with pytest.raises(AdvcapError, match="not a finished run"):
+        evaluate(tmp_path)
+    with pytest.raises(AdvcapError, match="not a run directory"):
+        evaluate(tmp_path / "nowhere")
+
+
+def test_cli_caption_and_attack(run, evaluated, tmp_path, capsys):
+    test_line = by_split(evaluated["predictions"], "test")[0]
+    image = run.parents[3] / "src" / "images" / f"{test_line['image_id']}.jpg"
+    main(["caption", str(image), "--model", str(run)])
+    assert capsys.readouterr().out.strip() == test_line["captions"]["clean"]
+    main(["caption", str(image), "--model", str(run / "hf")])  # a bare export works too
+    assert capsys.readouterr().out.strip() == test_line["captions"]["clean"]
+
+    figure = tmp_path / "figs" / "attack.png"
+    main(["attack", str(image), "--model", str(run), "--out", str(figure), "--epsilon", "0.3"])
+    out = capsys.readouterr().out
+    assert f"clean:       {test_line['captions']['clean']}" in out and "adversarial:" in out
+    with Image.open(figure) as png:
+        assert png.format == "PNG" and png.size == (900, 390)  # three square panels, captions below
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(tmp_path / "missing.jpg"), "--model", str(run)])
+    assert exit_info.value.code == 2 and "cannot read image" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_same_metrics_and_predictions_as_one(run, evaluated, tmp_path):
+    copy = copy_run(run, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "SLURM_"))}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
+    ]
+    proc = subprocess.run(
+        [*launch, str(REPO / "launch" / "eval.py"), str(copy)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (copy / "metrics.json").read_text() == evaluated["metrics_text"]
+    assert (copy / "predictions.jsonl").read_text() == evaluated["predictions_text"]
+    info = json.loads((copy / "evaluation.json").read_text())
+    assert info["world_size"] == 2
+    # Both ranks did part of each split, and (no image twice, all images there) the parts are disjoint.
+    assert info["images_per_rank"] == {"test": [4, 2], "train": [6, 4]}
+    assert "BLEU-4" in proc.stdout and proc.stdout.count("BLEU-4") == 1  # the table, printed once
