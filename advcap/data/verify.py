@@ -33,7 +33,7 @@ def verify(root: str | Path) -> bool:
     if problems:
         log.error("verify: %d problem(s) in %s", len(problems), root)
     else:
-        log.info("verify: %d shards, %d samples OK in %s", len(manifest.shards), bar.n, root)
+        log.info("verify: %d shards, %d samples OK in %s", len(manifest.shards), sum(s.samples for s in manifest.shards), root)
     return not problems
 
 
