@@ -23,9 +23,9 @@ PAPER_PHASES = ("baseline", "adversarial", "adv_train", "freeze_vit", "freeze_gp
 DEMO_SETTINGS = {
     "images": 1500,
     "image_size": 48,
-    "vit_pretrain_steps": 250,
-    "gpt2_pretrain_steps": 200,
-    "train_steps": 160,
+    "vit_pretrain_steps": 400,
+    "gpt2_pretrain_steps": 300,
+    "train_steps": 250,
     "global_batch_size": 32,
     "lr": 1e-3,
     "epsilon": 0.1,

@@ -17,18 +17,6 @@ from advcap.errors import AdvcapError
 PHASES = ["baseline", "adv_train"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine extra threads spin
-    against other processes: measured here, the micro ablation took 106 s with torch's default vs 11 s with 1."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A tiny shard set (30 images: 12 train, 6 restval, 6 val, 6 test) and a tokenizer trained on it."""

@@ -10,7 +10,6 @@ the reference length closest to its hypothesis length (ties: the shorter). Words
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest

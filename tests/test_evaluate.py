@@ -40,15 +40,6 @@ TRAIN_SUBSET = 10
 STEPS = 60
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended cores; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_colour_set(root: Path, n_images: int = 48) -> tuple[Path, Path]:
     """A Karpathy-split file over plain-colour JPEGs: every 8th image is test, the one before it val."""
     rng = random.Random(0)

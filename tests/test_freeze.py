@@ -22,15 +22,6 @@ def freeze_cfg(modules: str = "none", keep_trainable=(), also_freeze=()) -> Simp
     return SimpleNamespace(modules=modules, keep_trainable=list(keep_trainable), also_freeze=list(also_freeze))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended cores; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     captions = ["a red square", "a blue circle on the left"] * 4

@@ -33,15 +33,6 @@ def caption_labels(tokenizer, captions: list[str]) -> torch.Tensor:
     return torch.tensor([row + [-100] * (width - len(row)) for row in rows])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended cores; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return train_tokenizer(CAPTIONS * 3, tmp_path_factory.mktemp("tok"), vocab_size=300)

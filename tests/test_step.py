@@ -24,15 +24,6 @@ CAPTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two contended cores (and float sums are reproducible)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_captioner(tokenizer, dropout: float = 0.0, seed: int = 0) -> Captioner:
     torch.manual_seed(seed)
     cfg = SimpleNamespace(preset="tiny", encoder=None, decoder=None, init_from=None, dropout=dropout)

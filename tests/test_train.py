@@ -34,15 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's console scripts: advcap, accelerate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two contended cores; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> SimpleNamespace:
     """Tiny shards (36 train samples in 5 shards: 4 batches of 8 per epoch) and a tokenizer directory."""

@@ -9,7 +9,6 @@ import pickle
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
