@@ -55,6 +55,15 @@ class StopRequest:
         self.requested = True
 
 
+def make_accelerator():
+    """Without CUDA, run on the CPU: that is what makes `--multi_gpu --num_processes N` start N gloo
+    ranks. Not under DeepSpeed: Accelerate's `cpu=True` would silently drop the DeepSpeed plugin."""
+    from accelerate import Accelerator
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return Accelerator(cpu=not torch.cuda.is_available() and not deepspeed)
+
+
 def resolve_tokenizer(cfg: Config):
     source = cfg.data.tokenizer or tokenizer_source(cfg.model)
     if source is None:
@@ -117,12 +126,10 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
 
 
 def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
-    from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    # Without CUDA, run on the CPU: this is also what makes `--multi_gpu --num_processes N` start N gloo ranks.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != world:
