@@ -51,9 +51,6 @@ class StepResult:
     adv_pixels: Tensor | None  # (B,3,S,S) in [0,1]
     zero_grad_fraction: Tensor | None  # share of exactly-zero input-gradient entries (collapsed attack)
 
-    def finite(self) -> bool:
-        return all(torch.isfinite(t).all() for t in (self.clean_loss_sum, self.adv_loss_sum) if t is not None)
-
 
 def train_micro_step(
     model: torch.nn.Module,

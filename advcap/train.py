@@ -188,7 +188,7 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
     stop.install()
     device = accelerator.device
     generator = torch.Generator(device=device)
-    window = _Window()
+    window = _Window(device)
     started = time.perf_counter()
     model.train()
     log.info(
@@ -212,8 +212,13 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
                     generator=generator,
                 )
             )
-        local_flags = [0.0 if all(r.finite() for r in results) else 1.0, 1.0 if stop.requested else 0.0]
-        nonfinite, stop_now = (accelerator.reduce(torch.tensor(local_flags, device=device), "sum") > 0).tolist()
+        # One reduction, one host sync per step: [any non-finite loss here, stop requested here].
+        losses = [t for r in results for t in (r.clean_loss_sum, r.adv_loss_sum) if t is not None]
+        local_flags = torch.stack([
+            (~torch.isfinite(torch.stack(losses))).any().float(),
+            torch.tensor(float(stop.requested), device=device),
+        ])
+        nonfinite, stop_now = (accelerator.reduce(local_flags, "sum") > 0).tolist()
         grad_norm = None
         if nonfinite:
             state.nonfinite_steps += 1
@@ -231,7 +236,7 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
 
         if state.step % cfg.train.log_every_steps == 0 or state.step == cfg.train.steps:
             _log_window(accelerator, logger, window, state, scheduler, cfg)
-            window = _Window()
+            window = _Window(device)
         if cfg.train.image_log_every_steps and state.step % cfg.train.image_log_every_steps == 0:
             _log_examples(accelerator, logger, attack_model, tokenizer, micro[-1], results[-1], state.step, cfg)
         if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
@@ -291,47 +296,49 @@ def _check_ranks_agree(accelerator, model: torch.nn.Module) -> str:
 
 
 class _Window:
-    """Sums over the steps between two log lines (this rank's view; reduced when logged)."""
+    """Sums over the steps between two log lines (this rank's view; reduced when logged). Losses are
+    kept as device tensors, so logging adds no host sync to the step."""
 
-    def __init__(self):
-        self.clean = self.adv = self.tokens = self.zero = self.zero_n = 0.0
-        self.steps = 0
-        self.grad_norms: list[float] = []
-        self.bad_shards = 0
+    def __init__(self, device):
+        zero = torch.zeros((), device=device)
+        self.clean, self.adv, self.zero = zero.clone(), zero.clone(), zero.clone()
+        self.clean_n = self.adv_n = self.zero_n = self.tokens = self.steps = self.bad_shards = 0
+        self.grad_norms: list[torch.Tensor] = []
         self.started = time.perf_counter()
 
     def add(self, results, micro, tokens: int, grad_norm) -> None:
         self.steps += 1
         self.tokens += tokens
         for r in results:
-            self.clean += float(r.clean_loss_sum) if r.clean_loss_sum is not None else 0.0
-            self.adv += float(r.adv_loss_sum) if r.adv_loss_sum is not None else 0.0
+            if r.clean_loss_sum is not None:
+                self.clean, self.clean_n = self.clean + r.clean_loss_sum, self.clean_n + 1
+            if r.adv_loss_sum is not None:
+                self.adv, self.adv_n = self.adv + r.adv_loss_sum, self.adv_n + 1
             if r.zero_grad_fraction is not None:
-                self.zero += float(r.zero_grad_fraction)
-                self.zero_n += 1
+                self.zero, self.zero_n = self.zero + r.zero_grad_fraction, self.zero_n + 1
         self.bad_shards = max([self.bad_shards] + [int(b.get("bad_shards", 0)) for b in micro])
         if grad_norm is not None:
-            self.grad_norms.append(float(grad_norm))
+            self.grad_norms.append(torch.as_tensor(grad_norm).detach())
 
 
 def _log_window(accelerator, logger: TrainLogger, w: _Window, state: TrainerState, scheduler, cfg: Config) -> None:
-    sums = torch.tensor([w.clean, w.adv, w.tokens, w.zero, w.zero_n, w.bad_shards], device=accelerator.device)
-    clean, adv, tokens, zero, zero_n, bad = accelerator.reduce(sums, "sum").tolist()
+    device = accelerator.device
+    counts = torch.tensor([w.tokens, w.zero_n, w.bad_shards], dtype=torch.float32, device=device)
+    sums = torch.cat([torch.stack([w.clean, w.adv, w.zero]).float(), counts])
+    clean, adv, zero, tokens, zero_n, bad = accelerator.reduce(sums, "sum").tolist()
     elapsed = time.perf_counter() - w.started
-    mode = cfg.train.mode
+    grad_norm = float(torch.stack(w.grad_norms).float().mean()) if w.grad_norms else None
     values = {
-        "train/clean_loss": clean / tokens if mode != "clean" or clean else None,
-        "train/adversarial_loss": adv / tokens if mode != "clean" else None,
+        "train/clean_loss": clean / tokens if w.clean_n else None,  # None only for random-start adversarial
+        "train/adversarial_loss": adv / tokens if w.adv_n else None,
         "train/lr": scheduler.get_last_lr()[0],
-        "train/grad_norm": sum(w.grad_norms) / len(w.grad_norms) if w.grad_norms else None,
+        "train/grad_norm": grad_norm,
         "train/samples_per_s": w.steps * cfg.train.global_batch_size / max(elapsed, 1e-9),
         "attack/epsilon": cfg.attack.epsilon,
         "attack/zero_input_grad_fraction": zero / zero_n if zero_n else None,
         "train/nonfinite_steps": state.nonfinite_steps,
         "data/bad_shard_reads": bad,
     }
-    if mode == "clean":
-        values["train/clean_loss"] = clean / tokens
     logger.scalars(state.step, values)
     if accelerator.is_main_process:
         shown = " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in values.items() if v is not None and "loss" in k)

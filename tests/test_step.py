@@ -155,7 +155,6 @@ def test_loss_sums_are_summed_token_cross_entropies(tokenizer):
         adv = hf_mean_loss(model, result.adv_pixels, labels) * tokens
     torch.testing.assert_close(result.clean_loss_sum, clean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result.adv_loss_sum, adv, rtol=1e-5, atol=1e-5)
-    assert result.finite()
 
 
 # ---------------------------------------------------------------- FGSM inside the step
