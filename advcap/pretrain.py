@@ -17,6 +17,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,6 +56,21 @@ def scene_labels(scene: dict) -> np.ndarray:
     return labels
 
 
+def _fit(params: list, batch_loss: Callable[[], torch.Tensor], steps: int, lr: float, what: str) -> float:
+    """AdamW with a one-cycle schedule over `steps` batches; returns the last batch's loss."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for step in tqdm(range(steps), desc=f"pretrain {what.split()[0]}", disable=None):
+        loss = batch_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % max(1, steps // 5) == 0:
+            log.info("pretrain step %d/%d: %s %.4f", step + 1, steps, what, loss.item())
+    return loss.item()
+
+
 def _train_split(synth_dir: Path) -> list[dict]:
     entries = json.loads((synth_dir / "captions.json").read_text())["images"]
     return [e for e in entries if e["split"] == "train"]
@@ -74,21 +90,15 @@ def pretrain_vit(synth_dir: str | Path, out_dir: str | Path, image_size: int, st
     targets = torch.from_numpy(np.stack([scene_labels(e["scene"]) for e in entries]))
     encoder = preset_encoder(PRESET_ARCHS[preset], image_size, dropout=0.0)
     head = torch.nn.Linear(encoder.config.hidden_size, targets.shape[1])
-    params = list(encoder.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
-    for step in tqdm(range(steps), desc="pretrain ViT", disable=None):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.tensor(rng.sample(range(len(entries)), min(batch_size, len(entries))))
         pixels = (images[idx].float() / 255 - 0.5) / 0.5
         features = encoder(pixel_values=pixels).last_hidden_state.mean(dim=1)
-        loss = F.binary_cross_entropy_with_logits(head(features), targets[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if (step + 1) % max(1, steps // 5) == 0:
-            log.info("pretrain ViT step %d/%d: label BCE %.4f", step + 1, steps, loss.item())
+        return F.binary_cross_entropy_with_logits(head(features), targets[idx])
+
+    _fit([*encoder.parameters(), *head.parameters()], batch_loss, steps, lr, "ViT label BCE")
     encoder.save_pretrained(out_dir)
     ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(HALF), image_std=list(HALF)).save_pretrained(out_dir)
     return out_dir
@@ -103,10 +113,9 @@ def pretrain_gpt2(captions: list[str], tokenizer, out_dir: str | Path, steps: in
     # The captioner's decoder sees [start] caption [eos]: pretrain on the same shape of sequence.
     sequences = [[bos] + tokenizer(c, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [eos] for c in captions]
     model = preset_decoder(PRESET_ARCHS[preset], tokenizer, dropout=0.0, cross_attention=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
-    for step in tqdm(range(steps), desc="pretrain GPT-2", disable=None):
+
+    def batch_loss() -> torch.Tensor:
         batch = rng.sample(sequences, min(batch_size, len(sequences)))
         length = max(len(s) for s in batch)
         ids = torch.full((len(batch), length), tokenizer.pad_token_id)
@@ -114,13 +123,9 @@ def pretrain_gpt2(captions: list[str], tokenizer, out_dir: str | Path, steps: in
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = torch.tensor(seq)
             labels[row, 1 : len(seq)] = torch.tensor(seq[1:])
-        loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if (step + 1) % max(1, steps // 5) == 0:
-            log.info("pretrain GPT-2 step %d/%d: LM loss %.4f", step + 1, steps, loss.item())
+        return model(input_ids=ids, labels=labels).loss
+
+    _fit(list(model.parameters()), batch_loss, steps, lr, "GPT-2 LM loss")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
