@@ -33,6 +33,7 @@ from advcap.errors import AdvcapError
 MODEL_PRESETS = ("tiny", "demo", "vit-base-gpt2", "custom")
 FREEZE_MODULES = ("none", "encoder", "decoder")
 TRAIN_MODES = ("clean", "adversarial", "mixed")
+PRECISIONS = ("auto", "fp32", "bf16")
 EVAL_SPLITS = ("train", "val", "test")
 EVAL_CONDITIONS = ("clean", "fgsm", "pgd", "blind", "transfer-fgsm")  # plus "fgsm@<epsilon>"
 PGD_TARGETS = ("reference", "clean_caption")
@@ -133,6 +134,9 @@ class TrainConfig:
     """Optimizer steps of linear learning-rate warm-up."""
     grad_clip_norm: float = 1.0
     """Global gradient L2-norm clip; 0 disables clipping."""
+    precision: str = "auto"
+    """auto | fp32 | bf16. auto: bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere (the CPU).
+    Decides over the launcher's --mixed_precision, and fills DeepSpeed's "auto" bf16 setting."""
     max_nonfinite_steps: int = 5
     """Consecutive skipped (NaN/inf loss) steps before the run stops."""
     log_every_steps: int = 10
@@ -479,6 +483,7 @@ def _attack_problems(a: Any) -> Iterator[Problem]:
 
 def _train_problems(t: Any) -> Iterator[Problem]:
     yield from _one_of("train.mode", t.mode, TRAIN_MODES)
+    yield from _one_of("train.precision", t.precision, PRECISIONS)
     yield from _in_unit_interval("train.clean_weight", t.clean_weight)
     if not 0 <= t.seed < 2**32:
         yield "train.seed", t.seed, "an integer in [0, 2**32)"

@@ -413,9 +413,10 @@ def evaluate(
         )
     manifest = load_manifest(cfg.data.shards)
     if accelerator is None:
-        from accelerate import Accelerator
+        from advcap.distributed import make_accelerator
 
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # The run's precision: after training in the same process, Accelerate's state must not change.
+        accelerator = make_accelerator(cfg.train.precision)
     started = time.perf_counter()
     device = accelerator.device
 

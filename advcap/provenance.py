@@ -48,10 +48,21 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES",
+                   "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION")
+
+
+def zero_stage(accelerator) -> int | None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
 def collect(accelerator, **extra) -> dict:
     return {
         "launcher": launcher(),
-        "distributed_type": str(accelerator.distributed_type),
+        "distributed_type": accelerator.distributed_type.value,  # e.g. MULTI_CPU, DEEPSPEED
+        "zero_stage": zero_stage(accelerator),
+        "mixed_precision": accelerator.mixed_precision,
         "world_size": accelerator.num_processes,
         "device": str(accelerator.device),
         "hostname": socket.gethostname(),
@@ -59,6 +70,7 @@ def collect(accelerator, **extra) -> dict:
         "git_commit": git_commit(),
         "packages": package_versions(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm": {k[len("SLURM_"):].lower(): os.environ[k] for k in SLURM_VARIABLES if k in os.environ} or None,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }

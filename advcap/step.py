@@ -7,9 +7,13 @@ Passes per micro-batch (a "pass" = one forward through the captioner):
   mixed        2 forwards. Scheme `reuse` (DDP, single process): the clean backward, run without
                gradient sync, yields the parameter gradients AND ∂loss/∂pixels, which FGSM reuses;
                the adversarial backward then syncs, so there is one all-reduce per optimizer step.
-               Scheme `combined` (DeepSpeed ZeRO-2, where no_sync is refused and `backward` also
-               steps the engine): the input gradient comes from `autograd.grad(..., retain_graph=True)`
-               and one backward of α·clean + (1-α)·adversarial follows.
+               Scheme `combined` (DeepSpeed ZeRO-1/2, where no_sync is refused and the engine allows
+               one backward per micro-batch): the input gradient comes from `autograd.grad(...,
+               retain_graph=True)` and one backward of α·clean + (1-α)·adversarial follows. The clean
+               forward runs through the unwrapped model: DeepSpeed hooks the wrapped forward's outputs
+               and would run its gradient reduction at the end of ANY backward through them, the
+               input-gradient pass included. Parameter gradients are unaffected: both wrappers reduce
+               from hooks on the parameters, which fire once with the sum of both passes.
 
 Loss scaling: the captioner returns a SUM of token cross-entropies; `loss_scale` = world / global
 target tokens of the optimizer step, so that DDP's gradient average over ranks yields exactly the
@@ -134,10 +138,10 @@ def _mixed_combined(model, attack_model, pixels, labels, settings, loss_scale, b
     if settings.random_start:
         # The clean gradient is at x, the attack needs it at the random start: a separate attack pass.
         adv = fgsm(_attack_loss(attack_model, labels), pixels, settings.epsilon, random_start=True, generator=generator)
-        clean_loss, zero = model(pixels, labels), None
+        clean_loss, zero = attack_model(pixels, labels), None
     else:
         x = pixels.detach().requires_grad_(True)
-        clean_loss = model(x, labels)
+        clean_loss = attack_model(x, labels)  # unwrapped: see the module docstring
         (grad,) = torch.autograd.grad(clean_loss, x, retain_graph=True)
         adv, zero = fgsm(None, pixels, settings.epsilon, grad=grad), _zero_fraction(grad)
     adv_loss = model(adv, labels)

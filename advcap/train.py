@@ -24,6 +24,7 @@ from advcap.checkpoint import Checkpointer, TrainerState
 from advcap.config import Config, diff_configs, grad_accum_steps, load_config, per_rank_batch_size, run_dir, save_config
 from advcap.data.loader import TrainStream, make_loader
 from advcap.data.manifest import load_manifest
+from advcap.distributed import configure_deepspeed, make_accelerator, make_driver
 from advcap.errors import AdvcapError
 from advcap.freeze import apply_freeze, trainable_parameters
 from advcap.model import build_captioner, decode_captions, export_hf, tokenizer_source
@@ -38,13 +39,30 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early on request, resumable with --res
 STATE_FILE = "trainer_state.json"
 
 
+STOP_FILE_VARIABLE = "ADVCAP_STOP_FILE"
+
+
 class StopRequest:
-    """Set by SIGUSR1/SIGTERM (preemption, time limit); acted on at the next step by all ranks."""
+    """A request to checkpoint and stop, acted on at the next step by all ranks (the flag is reduced).
+
+    Two ways in: SIGUSR1/SIGTERM to a rank (a local run, or the launcher forwarding SIGTERM), and a stop
+    file whose path is in $ADVCAP_STOP_FILE. The file is what the SLURM scripts use: `--signal=B:USR1`
+    reaches only the batch shell, and the launcher forwards no USR1 to the ranks, so the shell creates
+    the file instead; on a shared file system it reaches the ranks of every node.
+    """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, stop_file: str | None = None):
+        self.signalled = False
+        self.stop_file = stop_file if stop_file is not None else os.environ.get(STOP_FILE_VARIABLE) or None
+
+    @property
+    def requested(self) -> bool:
+        if not self.signalled and self.stop_file and os.path.exists(self.stop_file):
+            log.warning("stop file %s exists: will checkpoint and stop after the current step", self.stop_file)
+            self.signalled = True
+        return self.signalled
 
     def install(self) -> None:
         for sig in self.SIGNALS:
@@ -52,16 +70,7 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         log.warning("received %s: will checkpoint and stop after the current step", signal.Signals(signum).name)
-        self.requested = True
-
-
-def make_accelerator():
-    """Without CUDA, run on the CPU: that is what makes `--multi_gpu --num_processes N` start N gloo
-    ranks. Not under DeepSpeed: Accelerate's `cpu=True` would silently drop the DeepSpeed plugin."""
-    from accelerate import Accelerator
-
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return Accelerator(cpu=not torch.cuda.is_available() and not deepspeed)
+        self.signalled = True
 
 
 def resolve_tokenizer(cfg: Config):
@@ -129,12 +138,14 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.train.precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != world:
         raise AdvcapError(f"the launcher started {launched} processes but Accelerate sees {world}: check the launch config")
     out = run_dir(cfg)
+    if resume == "auto":  # what a requeued or resubmitted job wants: continue if there is anything to continue
+        resume = "latest" if Checkpointer(out, 1, 1).latest() is not None else None
     if prepare_run_dir(cfg, out, resume) == FINISHED:
         log.info("%s is already finished with this config: nothing to do", out)
         return FINISHED
@@ -148,7 +159,11 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
     counts = apply_freeze(captioner, cfg.freeze)
     optimizer = _optimizer(captioner, cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.steps)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        configure_deepspeed(accelerator, cfg.train.global_batch_size, per_rank, accum, cfg.train.grad_clip_norm)
     model, optimizer = accelerator.prepare(captioner, optimizer)
+    driver = make_driver(accelerator, model, optimizer, cfg.train.grad_clip_norm)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
     attack_model = accelerator.unwrap_model(model)
     set_seed(cfg.train.seed, device_specific=True)  # dropout etc. differ per rank
@@ -181,8 +196,8 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
         clean_weight=cfg.train.clean_weight,
         epsilon=cfg.attack.epsilon,
         random_start=cfg.attack.random_start,
-        # DeepSpeed refuses no_sync and steps inside backward: one combined backward per micro-batch.
-        scheme="combined" if accelerator.distributed_type == DistributedType.DEEPSPEED else "reuse",
+        # DeepSpeed refuses no_sync and allows one backward per micro-batch: the combined scheme.
+        scheme="combined" if deepspeed else "reuse",
     )
     stop = StopRequest()
     stop.install()
@@ -205,11 +220,11 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
         generator.manual_seed(hash((cfg.train.seed, rank, state.step)) & 0x7FFF_FFFF)
         results = []
         for i, batch in enumerate(micro):
+            backward, no_sync = driver.micro_batch(last=i == accum - 1)
             results.append(
                 train_micro_step(
                     model, attack_model, batch["pixels"].to(device), batch["labels"].to(device), settings,
-                    loss_scale, accelerator.backward, lambda: accelerator.no_sync(model), sync=i == accum - 1,
-                    generator=generator,
+                    loss_scale, backward, no_sync, sync=i == accum - 1, generator=generator,
                 )
             )
         # One reduction, one host sync per step: [any non-finite loss here, stop requested here].
@@ -219,18 +234,15 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
             torch.tensor(float(stop.requested), device=device),
         ])
         nonfinite, stop_now = (accelerator.reduce(local_flags, "sum") > 0).tolist()
-        grad_norm = None
+        applied, grad_norm = driver.step(skip=bool(nonfinite))
         if nonfinite:
             state.nonfinite_steps += 1
             state.nonfinite_in_a_row += 1
             log.warning("step %d: non-finite loss on some rank: step skipped on all ranks (%d in a row)", state.step, state.nonfinite_in_a_row)
         else:
             state.nonfinite_in_a_row = 0
-            if cfg.train.grad_clip_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
-            optimizer.step()
+        if applied:
             scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         state.step += 1
         window.add(results, micro, local_tokens, grad_norm)
 

@@ -1,0 +1,173 @@
+"""DeepSpeed ZeRO against DDP, on 2 real gloo ranks: `accelerate launch` with the shipped launcher configs.
+
+For each freeze policy, `mixed` training (FGSM inside the step, 2 micro-batches of accumulation) under ZeRO-2
+gives the losses and weights of DDP; frozen parameters stay bit-identical; a ZeRO-2 run stopped at a
+checkpoint and resumed ends where the uninterrupted one does. The config checks (ZeRO-3 refused, the
+DeepSpeed JSON's "auto" values filled from advcap's YAML, conflicts refused) run on a real DeepSpeedPlugin.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_train import BIN, REPO, S, _free_port, _run, data, fresh_captioner, load_export, overrides, scalars  # noqa: F401
+
+from advcap.config import load_config, run_dir
+from advcap.distributed import configure_deepspeed
+from advcap.errors import AdvcapError
+from advcap.freeze import parameter_group
+from advcap.train import EXIT_STOPPED
+
+pytestmark = pytest.mark.slow
+
+POLICIES = {  # phase → which parameters train
+    "adv_train": lambda name: True,
+    "freeze_vit": lambda name: parameter_group(name) != "encoder",
+    "freeze_gpt": lambda name: parameter_group(name) == "encoder",
+}
+ENGINES = {"ddp": "ddp.yaml", "zero2": "zero2.yaml"}
+STEPS = 4
+
+
+def _overrides(data, out: Path, *extra: str) -> list[str]:
+    # lr 1e-3 so that 4 steps move the weights well beyond float noise; global batch 16 = 2 ranks × 4 × 2 accumulation.
+    return overrides(data, out, f"train.steps={STEPS}", "train.lr=1e-3", "train.global_batch_size=16",
+                     "train.max_batch_size_per_rank=4", "train.checkpoint_every_steps=2", *extra)
+
+
+def _launch(engine: str, phase: str, cfg_overrides: list[str], *flags: str):
+    launch = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "configs" / "accelerate" / ENGINES[engine]),
+              "--num_processes", "2", "--main_process_port", str(_free_port())]
+    return _run([*launch, str(REPO / "launch" / "train.py"), "--config", phase, *cfg_overrides, *flags], timeout=240)
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """Every (engine, phase) trained once; the run dirs."""
+    root = tmp_path_factory.mktemp("engines")
+    dirs = {}
+    for engine in ENGINES:
+        for phase in POLICIES:
+            cfg_overrides = _overrides(data, root / engine)
+            proc = _launch(engine, phase, cfg_overrides)
+            assert proc.returncode == 0, f"{engine} {phase}:\n{proc.stderr[-4000:]}"
+            dirs[engine, phase] = run_dir(load_config(phase, cfg_overrides))
+    return dirs
+
+
+def _losses(out: Path) -> dict[str, list[float]]:
+    tags = ("train/clean_loss", "train/adversarial_loss")
+    series = scalars(out)
+    return {tag: [value for _, value in series[tag]] for tag in tags}
+
+
+@pytest.mark.parametrize("phase", list(POLICIES))
+def test_zero2_trains_like_ddp(runs, phase):
+    ddp, zero = runs["ddp", phase], runs["zero2", phase]
+    prov = json.loads((zero / "provenance.json").read_text())
+    assert (prov["distributed_type"], prov["zero_stage"], prov["world_size"]) == ("DEEPSPEED", 2, 2)
+    assert (prov["per_rank_batch_size"], prov["grad_accum_steps"]) == (4, 2)
+    assert json.loads((ddp / "provenance.json").read_text())["distributed_type"] == "MULTI_CPU"
+
+    ddp_losses, zero_losses = _losses(ddp), _losses(zero)
+    for tag, values in ddp_losses.items():
+        assert len(values) == STEPS
+        assert zero_losses[tag] == pytest.approx(values, rel=1e-5), tag
+    # The weights moved (lr 1e-3) and moved the same way under both engines.
+    ddp_model, zero_model = load_export(ddp), load_export(zero)
+    zero_params = dict(zero_model.named_parameters())
+    moved = 0
+    for name, param in ddp_model.named_parameters():
+        torch.testing.assert_close(zero_params[name], param, rtol=1e-4, atol=1e-6, msg=name)
+        moved += int(not torch.equal(param, fresh_params(runs, phase)[name]))
+    assert moved > 0
+
+
+_FRESH: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def fresh_params(runs, phase: str) -> dict[str, torch.Tensor]:
+    """The initial weights of the phase's runs (train() seeds, then builds)."""
+    if phase not in _FRESH:
+        cfg = load_config(runs["zero2", phase] / "config.yaml")
+        _FRESH[phase] = {n: p.detach().clone() for n, p in fresh_captioner(cfg).model.named_parameters()}
+    return _FRESH[phase]
+
+
+@pytest.mark.parametrize("phase", list(POLICIES))
+def test_frozen_parameters_stay_bit_identical_under_zero2(runs, phase):
+    trains = POLICIES[phase]
+    fresh = fresh_params(runs, phase)
+    frozen = trained = 0
+    for name, param in load_export(runs["zero2", phase]).named_parameters():
+        if trains(name):
+            trained += int(not torch.equal(param, fresh[name]))
+        else:
+            assert torch.equal(param, fresh[name]), f"frozen {name} changed under ZeRO-2"
+            frozen += 1
+    assert trained > 0 and (frozen > 0) == (phase != "adv_train")
+    counts = json.loads((runs["zero2", phase] / "parameters.json").read_text())
+    assert (counts["total"]["frozen"] > 0) == (phase != "adv_train")
+
+
+def test_zero2_checkpoint_resumes_to_the_uninterrupted_run(runs, data, tmp_path):
+    cfg_overrides = _overrides(data, tmp_path)
+    stopped = _launch("zero2", "adv_train", cfg_overrides, "--stop-at-step", "2")
+    # torch's elastic launcher turns any non-zero rank exit into its own 1; the ranks' 75 shows in its report.
+    assert stopped.returncode != 0 and f"exitcode: {EXIT_STOPPED}" in stopped.stderr, stopped.stderr[-4000:]
+    out = run_dir(load_config("adv_train", cfg_overrides))
+    checkpoint = out / "checkpoints" / "step00000002"
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "pytorch_model").is_dir()
+
+    resumed = _launch("zero2", "adv_train", cfg_overrides, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert json.loads((out / "provenance.json").read_text())["resumed_at_step"] == 2
+    reference = json.loads((runs["zero2", "adv_train"] / "provenance.json").read_text())["weights_sha256"]
+    assert json.loads((out / "provenance.json").read_text())["weights_sha256"] == reference
+    assert _losses(out)["train/clean_loss"][-2:] == _losses(runs["zero2", "adv_train"])["train/clean_loss"][-2:]
+
+
+# ---------------------------------------------------------------- the DeepSpeed config, from advcap's YAML
+
+
+def _accelerator_with(tmp_path: Path, ds_config: dict) -> SimpleNamespace:
+    """A real DeepSpeedPlugin built from a JSON file, as `accelerate launch` builds it, in the shape
+    configure_deepspeed reads (accelerator.state.deepspeed_plugin)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds_config))
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=str(path))))
+
+
+def _shipped(stage: int) -> dict:
+    return json.loads((REPO / "configs" / "accelerate" / f"zero{stage}.json").read_text())
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_shipped_deepspeed_json_is_filled_from_the_advcap_config(tmp_path, stage):
+    accelerator = _accelerator_with(tmp_path, _shipped(stage))
+    configure_deepspeed(accelerator, global_batch=64, per_rank=8, accum=4, clip=0.5)
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (64, 8)
+    assert (ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (4, 0.5)
+    assert ds["zero_optimization"]["stage"] == stage
+
+
+def test_zero3_is_refused(tmp_path):
+    config = _shipped(2)
+    config["zero_optimization"]["stage"] = 3
+    with pytest.raises(AdvcapError, match="ZeRO stage 3 .* not supported"):
+        configure_deepspeed(_accelerator_with(tmp_path, config), 64, 8, 4, 1.0)
+
+
+def test_a_deepspeed_json_contradicting_the_advcap_config_is_refused(tmp_path):
+    config = {**_shipped(2), "train_micro_batch_size_per_gpu": 16}
+    with pytest.raises(AdvcapError, match=r"train_micro_batch_size_per_gpu is 16 .* advcap's config gives 8"):
+        configure_deepspeed(_accelerator_with(tmp_path, config), 64, 8, 4, 1.0)
+    # The same number is not a conflict.
+    configure_deepspeed(_accelerator_with(tmp_path, {**_shipped(2), "train_micro_batch_size_per_gpu": 8}), 64, 8, 4, 1.0)
