@@ -352,11 +352,18 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
     overrides = [*(p for p in args.phases if "=" in p), *args.overrides]
     plan = plan_ablation(phases, args.seeds, args.out, overrides, args.config_dir)
     if args.dry_run:
+        from advcap.data.manifest import load_manifest
+
+        for shards in sorted({str(p.config.data.shards) for p in plan}):
+            load_manifest(shards)  # a missing or unfinished conversion is an error now, not in every run
         print(format_plan(plan))
         return
     log.info("%s", format_plan(plan))
     results = run_plan(plan)
-    print(format_results(results))
+    from advcap.cli import launch_rank
+
+    if launch_rank() == 0:  # under `accelerate launch` every rank runs the ablation together
+        print(format_results(results))
     bad = [r for r in results if not r.ok]
     not_started = len(plan) - len(results)
     if bad or not_started:
@@ -379,6 +386,6 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--seeds", nargs="+", type=int, required=True, help="train.seed values, e.g. 0 1 2")
     p.add_argument("--out", required=True, help="runs/<dataset>: run dirs land in OUT/<phase>/seed<k>/")
     p.add_argument("--config-dir", default=None, help="folder searched first for <phase>.yaml")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (what each run dir holds) and exit")
+    p.add_argument("--dry-run", action="store_true", help="check the configs and shards, print the plan (what each run dir holds) and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every phase, e.g. model.preset=tiny train.steps=100")
     p.set_defaults(func=_cmd_ablation)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from advcap.errors import AdvcapError
@@ -54,6 +55,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from advcap.train import EXIT_STOPPED, STOPPED, train
 
     cfg = load_config(args.config, args.overrides)
+    if args.check:
+        from advcap.config import run_dir
+        from advcap.data.manifest import load_manifest
+
+        load_manifest(cfg.data.shards)
+        print(f"ok: config {args.config} resolves; shards {cfg.data.shards} are complete; run dir {run_dir(cfg)}")
+        return
     if train(cfg, resume=args.resume, stop_at_step=args.stop_at_step) == STOPPED:
         raise SystemExit(EXIT_STOPPED)
 
@@ -98,8 +106,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Exit status 75 means stopped on request (signal or --stop-at-step): resume with --resume latest.",
     )
     p.add_argument("--config", required=True, help="a config path or the bare name of a shipped config (e.g. freeze_vit)")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory to continue from")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory to continue from; 'auto': the latest checkpoint if there is "
+                   "one, else a fresh start (for requeued jobs)")
     p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint and stop after this step, as if preempted")
+    p.add_argument("--check", action="store_true",
+                   help="only check that the config resolves and its shards are complete, then exit (before a cluster job)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 model.preset=tiny")
     p.set_defaults(func=_cmd_train)
 
@@ -110,12 +121,20 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launch_rank() -> int:
+    """This process's global rank under a distributed launcher (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    rank = launch_rank()
+    # Under a launcher every rank runs the same code: rank 0 tells the story, the others only warn.
+    level = logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level,
+        format=f"%(asctime)s %(levelname)s {f'[rank{rank}] ' if rank else ''}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:

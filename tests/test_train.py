@@ -358,8 +358,7 @@ def test_accelerate_launch_with_two_processes(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = run_dir(load_config("adv_train", cfg_overrides))
     prov = json.loads((out / "provenance.json").read_text())
-    # provenance writes str(DistributedType.MULTI_CPU): "DistributedType.MULTI_CPU" on Python ≥ 3.11.
-    assert prov["world_size"] == 2 and prov["distributed_type"].split(".")[-1] == "MULTI_CPU"
+    assert prov["world_size"] == 2 and prov["distributed_type"] == "MULTI_CPU" and prov["zero_stage"] is None
     assert prov["per_rank_batch_size"] == 4 and prov["launcher"] == "accelerate"
     # train() gathers every rank's weight digest and raises if they differ: exit 0 + the digest = ranks agree.
     assert prov["weights_sha256"] == weights_digest(Captioner(load_export(out), S))
@@ -405,3 +404,30 @@ def test_sigusr1_checkpoints_and_stops_then_resume_finishes(data, tmp_path):
     assert state["finished"] and state["step"] == 80
     assert (out / "checkpoints" / "step00000080").is_dir()
     assert json.loads((out / "provenance.json").read_text())["resumed_at_step"] == stopped_at
+
+
+def test_a_stop_file_stops_at_a_checkpoint_and_resume_auto_continues(data, tmp_path, monkeypatch):
+    """What the SLURM scripts do on USR1: create $ADVCAP_STOP_FILE; the requeued job runs with --resume auto."""
+    cfg = config("baseline", data, tmp_path)
+    stop_file = tmp_path / "stop"
+    stop_file.touch()
+    monkeypatch.setenv("ADVCAP_STOP_FILE", str(stop_file))
+    assert train(cfg, resume="auto") == STOPPED  # no checkpoint yet: auto starts afresh
+    out = run_dir(cfg)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step00000001"]
+    stop_file.unlink()
+    assert train(cfg, resume="auto") == FINISHED
+    assert json.loads((out / "provenance.json").read_text())["resumed_at_step"] == 1
+    assert train(cfg, resume="auto") == FINISHED  # finished: nothing retrained
+
+
+def test_train_check_validates_config_and_shards(data, tmp_path, capsys):
+    from advcap.cli import main
+
+    main(["train", "--config", "freeze_vit", "--check", *overrides(data, tmp_path)])
+    assert f"run dir {tmp_path / 'demo' / 'freeze_vit' / 'seed0'}" in capsys.readouterr().out
+    assert not (tmp_path / "demo").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "freeze_vit", "--check", *overrides(data, tmp_path), f"data.shards={tmp_path / 'none'}"])
+    assert exit_info.value.code == 2
+    assert "no manifest.json in" in capsys.readouterr().err
