@@ -20,7 +20,9 @@ $(STAMP): setup.cfg constraints.txt
 demo: install
 	$(VENV)/bin/advcap demo --out runs/demo
 
+# tests/install-slurm.sh: Debian's SLURM + munge for the SLURM tests (a no-op once installed).
 test: install
+	sh tests/install-slurm.sh
 	$(PY) -m pytest -q
 
 bench: install

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -73,3 +74,80 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ----- SLURM test clusters (tests/slurm_cluster.py) -----
+
+def _slurm_cluster(tmp_path_factory, name: str, nodes: int):
+    """Start a session-wide cluster in its own folder (own ports, socket and state, so the 1-node
+    and 2-node clusters can run side by side), or skip saying what is missing."""
+    from slurm_cluster import SlurmCluster, missing_binaries
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"SLURM not installed (missing {', '.join(missing)}): run `sh tests/install-slurm.sh` as root")
+    if os.geteuid() != 0:
+        pytest.skip("the SLURM test cluster needs root (slurmd launches jobs; SlurmUser=root)")
+    cluster = SlurmCluster(tmp_path_factory.mktemp(name), nodes=nodes)
+    cluster.start(timeout=60)
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A running 1-node SLURM cluster (SlurmCluster); stopped at the end of the session."""
+    cluster = _slurm_cluster(tmp_path_factory, "slurm1", nodes=1)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_2nodes(tmp_path_factory):
+    """A running SLURM cluster of two emulated nodes (two slurmds on this host), for --nodes=2 jobs."""
+    cluster = _slurm_cluster(tmp_path_factory, "slurm2", nodes=2)
+    yield cluster
+    cluster.stop()
+
+
+# ----- CI strict mode: ADVCAP_STRICT_TESTS=1 turns every skip into a failed run -----
+
+_SKIPPED: list[tuple[str, str]] = []
+
+
+def _strict() -> bool:
+    return os.environ.get("ADVCAP_STRICT_TESTS") == "1"
+
+
+def _skip_reason(report) -> str:
+    """The reason pytest stores for a skip: a (file, line, reason) tuple in longrepr."""
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+def pytest_runtest_logreport(report):
+    """Remember every skipped test (xfail is a result, not a skip, and is not counted)."""
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPPED.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_collectreport(report):
+    """A module skipped at collection (e.g. pytest.importorskip) counts as a skip too."""
+    if report.skipped:
+        _SKIPPED.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI a skip hides a missing install step (a green run that tested nothing of SLURM), so
+    under ADVCAP_STRICT_TESTS=1 an otherwise passing session with skips fails."""
+    if _strict() and _SKIPPED and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say which tests were skipped and why, and that strict mode failed the run because of them."""
+    if _strict() and _SKIPPED:
+        terminalreporter.section("ADVCAP_STRICT_TESTS=1: skipped tests fail the run", red=True)
+        for nodeid, reason in _SKIPPED:
+            terminalreporter.line(f"SKIPPED {nodeid}: {reason}")

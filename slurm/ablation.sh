@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The ablation as one SLURM job array: one task per (phase, seed), each training then evaluating into
+# $RUNS/<phase>/seed<k>/ (advcap's own ablation command, so finished runs are skipped, interrupted ones
+# resumed, runs with another config refused), and a report job once every task has ended.
+#
+#   sbatch slurm/ablation.sh                                  # 5 phases × 3 seeds = --array=0-14
+#   DATASET=flickr8k SEEDS="0 1" sbatch --array=0-9 slurm/ablation.sh
+#   PHASES="baseline freeze_vit" SEEDS="0 1" slurm/ablation.sh --time=4:00:00   # not under sbatch: checks,
+#                                          then submits the array the lists need (arguments go to sbatch)
+#
+# Task i runs phase PHASES[i / |SEEDS|] with seed SEEDS[i % |SEEDS|]. Environment (defaults in brackets):
+#   PHASES [baseline adversarial adv_train freeze_vit freeze_gpt]  SEEDS [0 1 2]
+#   DATASET [coco]  SHARDS [shards/$DATASET]  RUNS [runs/$DATASET]   (relative to the project root)
+#   OVERRIDES  dotted advcap overrides for every run, e.g. "train.steps=5000 model.preset=vit-base-gpt2"
+#   LAUNCHER_CONFIG [configs/accelerate/ddp.yaml] (or zero1.yaml, zero2.yaml)
+#   PROCS_PER_NODE [one per GPU SLURM gave the task, else 1]   ADVCAP_ROOT, ADVCAP_VENV [$ADVCAP_ROOT/.venv]
+# Resources below are examples: edit them, or override on the command line (sbatch --time=... --gres=...).
+#SBATCH --job-name=advcap-ablation
+#SBATCH --array=0-14
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=8
+#SBATCH --gres=gpu:1
+#SBATCH --time=12:00:00
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%A_%a.out
+set -euo pipefail
+
+# The project: under sbatch this file runs from a spool copy, so $0 says nothing about it. The job record
+# keeps the submitted path (Command=); ADVCAP_ROOT overrides; the submit directory is the last resort.
+if [[ -z "${ADVCAP_ROOT:-}" ]]; then
+    script="$0"
+    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        script="$(scontrol show job "$SLURM_JOB_ID" -o | tr ' ' '\n' | sed -n 's/^Command=//p' | head -n 1)"
+        [[ "$script" == /* ]] || script="${SLURM_SUBMIT_DIR:-$PWD}/$script"
+    fi
+    ADVCAP_ROOT="$(cd "$(dirname "$script")/.." 2>/dev/null && pwd || true)"
+    [[ -f "$ADVCAP_ROOT/slurm/lib.sh" ]] || ADVCAP_ROOT="${SLURM_SUBMIT_DIR:-$PWD}"
+fi
+if [[ ! -f "$ADVCAP_ROOT/slurm/lib.sh" ]]; then
+    echo "advcap: error: no advcap project at $ADVCAP_ROOT: set ADVCAP_ROOT to the project directory" >&2
+    exit 1
+fi
+export ADVCAP_ROOT
+source "$ADVCAP_ROOT/slurm/lib.sh"
+
+read -r -a phases <<< "${PHASES:-baseline adversarial adv_train freeze_vit freeze_gpt}"
+read -r -a seeds <<< "${SEEDS:-0 1 2}"
+read -r -a overrides <<< "${OVERRIDES:-}"
+DATASET="${DATASET:-coco}"
+SHARDS="${SHARDS:-shards/$DATASET}"
+RUNS="${RUNS:-runs/$DATASET}"
+LAUNCHER_CONFIG="${LAUNCHER_CONFIG:-configs/accelerate/ddp.yaml}"
+tasks=$(( ${#phases[@]} * ${#seeds[@]} ))
+((tasks > 0)) || advcap_die "PHASES and SEEDS must not be empty"
+
+cd "$ADVCAP_ROOT"
+advcap_activate
+[[ -f "$LAUNCHER_CONFIG" ]] || advcap_die "no launcher config $LAUNCHER_CONFIG (in $ADVCAP_ROOT)"
+ablation=(advcap ablation --phases "${phases[@]}" --seeds "${seeds[@]}" --out "$RUNS" "data.shards=$SHARDS" "${overrides[@]}")
+
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    # Not under SLURM: check everything here, then submit the array these lists need.
+    "${ablation[@]}" --dry-run >/dev/null || advcap_die "the ablation does not check out (see above); nothing submitted"
+    exec sbatch "$@" --array="0-$((tasks - 1))" --export="ALL,ADVCAP_ROOT=$ADVCAP_ROOT" "$ADVCAP_ROOT/slurm/ablation.sh"
+fi
+
+[[ -n "${SLURM_ARRAY_TASK_ID:-}" ]] || advcap_die "run as a job array: sbatch slurm/ablation.sh (or without sbatch: slurm/ablation.sh)"
+# `#SBATCH --array` is static: the lists decide how many tasks there must be.
+if [[ "${SLURM_ARRAY_TASK_COUNT:-}" != "$tasks" || "${SLURM_ARRAY_TASK_MIN:-}" != 0 ]]; then
+    advcap_die "${#phases[@]} phases × ${#seeds[@]} seeds = $tasks tasks, but this array is" \
+        "${SLURM_ARRAY_TASK_MIN:-?}-${SLURM_ARRAY_TASK_MAX:-?} (${SLURM_ARRAY_TASK_COUNT:-?} tasks):" \
+        "submit with sbatch --array=0-$((tasks - 1)) slurm/ablation.sh, or run slurm/ablation.sh without sbatch"
+fi
+index=$SLURM_ARRAY_TASK_ID
+phase="${phases[index / ${#seeds[@]}]}"
+seed="${seeds[index % ${#seeds[@]}]}"
+
+echo "advcap: task $index of array $SLURM_ARRAY_JOB_ID: $phase seed $seed on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"
+task=(advcap ablation --phases "$phase" --seeds "$seed" --out "$RUNS" "data.shards=$SHARDS" "${overrides[@]}")
+"${task[@]}" --dry-run || advcap_die "the run does not check out (see above)"
+
+# The report, once every task has ended (whatever their outcome): submitted once per array.
+mkdir -p "$RUNS"
+marker="$RUNS/.report-job-$SLURM_ARRAY_JOB_ID"
+if [[ "$index" == 0 && ! -e "$marker" ]]; then
+    sbatch --parsable --dependency="afterany:$SLURM_ARRAY_JOB_ID" --job-name=advcap-report \
+        --chdir="${SLURM_SUBMIT_DIR:-$ADVCAP_ROOT}" --output=%x-%j.out --nodes=1 --ntasks=1 --cpus-per-task=1 \
+        --time=01:00:00 --export="ALL,ADVCAP_ROOT=$ADVCAP_ROOT" \
+        --wrap "cd '$ADVCAP_ROOT' && advcap report '$RUNS' --out '$RUNS/report'" > "$marker"
+    echo "advcap: report job $(cat "$marker") runs after array $SLURM_ARRAY_JOB_ID"
+fi
+
+advcap_prepare_stop "$RUNS"
+status=0
+advcap_run accelerate launch --config_file "$LAUNCHER_CONFIG" --num_machines 1 \
+    --num_processes "$(advcap_procs_per_node)" --main_process_port "$(advcap_port)" -m advcap.cli "${task[@]:1}" \
+    || status=$?
+advcap_finish "$status"

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One training run over several nodes: srun starts one launcher per node, and each runs the same
+# `accelerate launch launch/train.py` as a local run, with this node's rank and the first node as the
+# rendezvous host. Arguments are those of `advcap train`:
+#
+#   sbatch --nodes=4 slurm/train.sh --config freeze_vit data.shards=/shared/shards/coco
+#
+# Environment: LAUNCHER_CONFIG [configs/accelerate/ddp.yaml], PROCS_PER_NODE [one per GPU on the node,
+# else 1], ADVCAP_ROOT, ADVCAP_VENV [$ADVCAP_ROOT/.venv]. A requeued or resubmitted job resumes from the
+# run's latest checkpoint (--resume auto); a finished run is not retrained.
+# Resources below are examples: edit them, or override on the command line.
+#SBATCH --job-name=advcap-train
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=32
+#SBATCH --gres=gpu:8
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+# The project: under sbatch this file runs from a spool copy, so $0 says nothing about it. The job record
+# keeps the submitted path (Command=); ADVCAP_ROOT overrides; the submit directory is the last resort.
+if [[ -z "${ADVCAP_ROOT:-}" ]]; then
+    script="$0"
+    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        script="$(scontrol show job "$SLURM_JOB_ID" -o | tr ' ' '\n' | sed -n 's/^Command=//p' | head -n 1)"
+        [[ "$script" == /* ]] || script="${SLURM_SUBMIT_DIR:-$PWD}/$script"
+    fi
+    ADVCAP_ROOT="$(cd "$(dirname "$script")/.." 2>/dev/null && pwd || true)"
+    [[ -f "$ADVCAP_ROOT/slurm/lib.sh" ]] || ADVCAP_ROOT="${SLURM_SUBMIT_DIR:-$PWD}"
+fi
+if [[ ! -f "$ADVCAP_ROOT/slurm/lib.sh" ]]; then
+    echo "advcap: error: no advcap project at $ADVCAP_ROOT: set ADVCAP_ROOT to the project directory" >&2
+    exit 1
+fi
+export ADVCAP_ROOT
+source "$ADVCAP_ROOT/slurm/lib.sh"
+
+[[ -n "${SLURM_JOB_ID:-}" ]] || advcap_die "submit with sbatch: sbatch slurm/train.sh --config <phase> [overrides]"
+(($# > 0)) || advcap_die "no arguments: sbatch slurm/train.sh --config <phase> [overrides]"
+LAUNCHER_CONFIG="${LAUNCHER_CONFIG:-configs/accelerate/ddp.yaml}"
+cd "$ADVCAP_ROOT"
+advcap_activate
+[[ -f "$LAUNCHER_CONFIG" ]] || advcap_die "no launcher config $LAUNCHER_CONFIG (in $ADVCAP_ROOT)"
+check="$(advcap train "$@" --check)" || advcap_die "the run does not check out (see above)"
+run_dir="${check##*; run dir }"
+
+procs=$(advcap_procs_per_node)
+head_address="$(advcap_head_address)"
+port="$(advcap_port)"
+echo "advcap: $SLURM_NNODES nodes × $procs processes, rendezvous at $head_address:$port, restart ${SLURM_RESTART_COUNT:-0}"
+advcap_prepare_stop "$run_dir"
+# One launcher per node. SLURM_NODEID is read inside each srun task, hence the single quotes.
+status=0
+advcap_run srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+    exec accelerate launch --config_file "$0" --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
+        --num_processes "$1" --main_process_ip "$2" --main_process_port "$3" \
+        "$ADVCAP_ROOT/launch/train.py" "${@:4}" --resume auto' \
+    "$LAUNCHER_CONFIG" "$((procs * SLURM_NNODES))" "$head_address" "$port" "$@" \
+    || status=$?
+advcap_finish "$status"
