@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,32 +262,82 @@ def format_plan(plan: Sequence[PlannedRun]) -> str:
 # ---------------------------------------------------------------- running
 
 
-def run_plan(plan: Sequence[PlannedRun]) -> list[RunResult]:
-    """Train and evaluate the planned runs in order; a failed or refused run never stops the others."""
+def run_plan(plan: Sequence[PlannedRun], parallel: int = 1) -> list[RunResult]:
+    """Train and evaluate the planned runs; a failed or refused run never stops the others.
+
+    parallel > 1 runs that many at a time, each in its own process with its share of the CPU threads:
+    on a CPU host, small models use cores better as separate runs than as threads of one run.
+    """
+    if parallel > 1:
+        return _run_parallel(plan, parallel)
     results: list[RunResult] = []
     failed_dirs: set[Path] = set()
     for i, planned in enumerate(plan, 1):
-        started = time.perf_counter()
-        try:
-            status = _run_one(planned, failed_dirs)
-            error = "" if status != "stopped" else "training stopped on request (a checkpoint was saved)"
-        except Exception as err:  # noqa: BLE001 — any failure of one run is reported, the rest goes on
-            status = "refused" if planned.state == RunState.CONFLICT else "failed"
-            error = str(err) or type(err).__name__
-            if not isinstance(err, AdvcapError):
-                log.exception("%s seed %d failed", planned.phase, planned.seed)
+        result = _run_and_time(planned, failed_dirs)
+        if not result.ok:
             failed_dirs.add(planned.run_dir)
-        result = RunResult(planned.phase, planned.seed, planned.run_dir, status, time.perf_counter() - started, error)
         results.append(result)
-        line = f"[{i}/{len(plan)}] {planned.phase} seed {planned.seed}: {status} in {result.wall_time_s:.1f} s"
-        if error:
-            log.error("%s: %s", line, error)
-        else:
-            log.info("%s", line)
-        if status == "stopped":
+        _log_result(i, len(plan), result)
+        if result.status == "stopped":
             # A stop request is a preemption or time limit: the job must end now, not start the next run.
             log.warning("stopping the ablation; run it again to resume where it stopped")
             break
+    return results
+
+
+def _run_and_time(planned: PlannedRun, failed_dirs: set[Path]) -> RunResult:
+    started = time.perf_counter()
+    try:
+        status = _run_one(planned, failed_dirs)
+        error = "" if status != "stopped" else "training stopped on request (a checkpoint was saved)"
+    except Exception as err:  # noqa: BLE001 — any failure of one run is reported, the rest goes on
+        status = "refused" if planned.state == RunState.CONFLICT else "failed"
+        error = str(err) or type(err).__name__
+        if not isinstance(err, AdvcapError):
+            log.exception("%s seed %d failed", planned.phase, planned.seed)
+    return RunResult(planned.phase, planned.seed, planned.run_dir, status, time.perf_counter() - started, error)
+
+
+def _log_result(i: int, n: int, result: RunResult) -> None:
+    line = f"[{i}/{n}] {result.phase} seed {result.seed}: {result.status} in {result.wall_time_s:.1f} s"
+    if result.error:
+        log.error("%s: %s", line, result.error)
+    else:
+        log.info("%s", line)
+
+
+def _worker_init(threads: int, level: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _run_parallel(plan: Sequence[PlannedRun], parallel: int) -> list[RunResult]:
+    """`parallel` runs at a time in spawned worker processes (a forked child of a process that has
+    used OpenMP threads can hang), results in plan order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if any(TRANSFER in p.config.eval.conditions for p in plan):
+        raise AdvcapError(f"{TRANSFER} evaluates against the baseline's model, which must be trained first: run with --parallel 1")
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    log.info("running %d runs at a time, %d torch thread(s) each", parallel, threads)
+    context = multiprocessing.get_context("spawn")
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(parallel, mp_context=context, initializer=_worker_init, initargs=(threads, level)) as pool:
+        futures = [pool.submit(_run_and_time, planned, set()) for planned in plan]
+        results = []
+        for i, future in enumerate(futures, 1):
+            if future.cancelled():
+                continue
+            results.append(future.result())
+            _log_result(i, len(plan), results[-1])
+            if results[-1].status == "stopped":
+                log.warning("stopping the ablation after the runs in progress; run it again to resume")
+                for pending in futures[i:]:
+                    pending.cancel()
     return results
 
 
@@ -327,6 +378,7 @@ def ablation(
     out: str | Path,
     overrides: Sequence[str] = (),
     config_dir: str | Path | None = None,
+    parallel: int = 1,
 ) -> list[RunResult]:
     """Plan (validating the paired design) and run every phase × seed into `out/<phase>/seed<k>/`.
 
@@ -336,11 +388,12 @@ def ablation(
         out: runs/<dataset>; run.out is its parent, run.dataset its name.
         overrides: dotted overrides applied to every phase (not train.seed / run.*).
         config_dir: folder searched first for `<phase>.yaml`.
+        parallel: runs at a time, each in its own process (see run_plan).
     Returns one RunResult per run; check `.ok`. Raises AdvcapError only for a bad plan (nothing run).
     """
     plan = plan_ablation(phases, seeds, out, overrides, config_dir)
     log.info("%s", format_plan(plan))
-    return run_plan(plan)
+    return run_plan(plan, parallel)
 
 
 # ---------------------------------------------------------------- command line
@@ -350,6 +403,12 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
     # `--phases a b model.preset=tiny` would hand the overrides to --phases: take them back.
     phases = [p for p in args.phases if "=" not in p]
     overrides = [*(p for p in args.phases if "=" in p), *args.overrides]
+    if args.parallel < 1:
+        raise AdvcapError(f"--parallel {args.parallel}: expected a number of runs at a time ≥ 1")
+    from advcap.cli import launch_rank
+
+    if args.parallel > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise AdvcapError("--parallel is for one process on a CPU host; under a distributed launcher the ranks share each run")
     plan = plan_ablation(phases, args.seeds, args.out, overrides, args.config_dir)
     if args.dry_run:
         from advcap.data.manifest import load_manifest
@@ -359,9 +418,7 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
         print(format_plan(plan))
         return
     log.info("%s", format_plan(plan))
-    results = run_plan(plan)
-    from advcap.cli import launch_rank
-
+    results = run_plan(plan, args.parallel)
     if launch_rank() == 0:  # under `accelerate launch` every rank runs the ablation together
         print(format_results(results))
     bad = [r for r in results if not r.ok]
@@ -386,6 +443,8 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--seeds", nargs="+", type=int, required=True, help="train.seed values, e.g. 0 1 2")
     p.add_argument("--out", required=True, help="runs/<dataset>: run dirs land in OUT/<phase>/seed<k>/")
     p.add_argument("--config-dir", default=None, help="folder searched first for <phase>.yaml")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="runs at a time, each in its own process with its share of the cores (CPU hosts, small models)")
     p.add_argument("--dry-run", action="store_true", help="check the configs and shards, print the plan (what each run dir holds) and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every phase, e.g. model.preset=tiny train.steps=100")
     p.set_defaults(func=_cmd_ablation)

@@ -56,6 +56,9 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        # Every rank writes files of its own (its RNG state; under ZeRO its optimizer partition): all must be
+        # done before the directory is renamed, or a slower rank writes into a path that no longer exists.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")
             shutil.rmtree(final, ignore_errors=True)

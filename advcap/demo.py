@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,7 +41,7 @@ def demo_overrides(data: Path, pretrained: Path, settings: dict) -> list[str]:
         f"data.shards={data / 'shards'}",
         f"data.tokenizer={data / 'tokenizer'}",
         f"data.image_size={settings['image_size']}",
-        "data.workers=1",
+        "data.workers=0",  # each run has one core (runs go in parallel): decoding 48 px images inline is cheap
         "data.shuffle_buffer=500",
         f"train.steps={settings['train_steps']}",
         f"train.global_batch_size={settings['global_batch_size']}",
@@ -103,7 +104,10 @@ def run_demo(out: str | Path, phases: Sequence[str] = PAPER_PHASES, seeds: Seque
     data, pretrained = prepare_data(out, settings)
     log.info("demo data and pretrained stand-ins ready after %.0f s", time.perf_counter() - started)
     runs = out / "runs"
-    results = ablation(phases, seeds, runs, [*demo_overrides(data, pretrained, settings), *extra_overrides])
+    # One run per core, each single-threaded: measured 1.4× the throughput of one run on two threads here
+    # (adv_train, 100 steps: two parallel 1-thread runs 33 s each vs one 2-thread run 23 s).
+    parallel = max(1, min(os.cpu_count() or 1, len(phases) * len(seeds)))
+    results = ablation(phases, seeds, runs, [*demo_overrides(data, pretrained, settings), *extra_overrides], parallel=parallel)
     report = write_report(runs, out / "report")
     log.info("demo finished in %.0f s; report in %s", time.perf_counter() - started, out / "report")
     failed = [r for r in results if not r.ok]

@@ -5,9 +5,11 @@ Both engines run the same training loop (`advcap.train`). What differs is hidden
   DDP (Accelerate's default)  gradients are all-reduced in `backward` of the last micro-batch (the others run
                               under `no_sync`); clipping, `optimizer.step()` and `zero_grad()` are ours.
   DeepSpeed ZeRO-1/2          the engine owns reduction, clipping, the step and zero_grad. We mark the
-                              accumulation boundary ourselves, call `engine.backward` without its 1/accum
-                              loss scaling (advcap's loss is already normalised by the step's global token
-                              count) and `engine.step()` once per optimizer step, after the ranks agreed on it.
+                              accumulation boundary ourselves (only the last backward of the last
+                              micro-batch is on it; "no_sync" = off it), call `engine.backward` without its
+                              1/accum loss scaling (advcap's loss is already normalised by the step's global
+                              token count) and `engine.step()` once per optimizer step, after the ranks
+                              agreed on it.
 
 Accelerate's own `backward` is not used under DeepSpeed on purpose: it steps the engine inside every
 `backward` call, which would step once per micro-batch and before the non-finite check.
@@ -125,9 +127,19 @@ class DeepSpeedDriver:
         self.engine = engine
 
     def micro_batch(self, last: bool) -> tuple[Callable[[torch.Tensor], None], Callable[[], Any]]:
-        # ZeRO-2 refuses no_sync; the boundary flag is what keeps earlier micro-batches from stepping.
+        # ZeRO-2 refuses the engine's no_sync; the boundary flag is what defers the reduction and the step,
+        # so "no sync" here means "not the boundary" (the clean backward of the reuse scheme runs in it).
         self.engine.set_gradient_accumulation_boundary(last)
-        return lambda loss: self.engine.backward(loss, scale_wrt_gas=False), contextlib.nullcontext
+        return lambda loss: self.engine.backward(loss, scale_wrt_gas=False), self._not_boundary
+
+    @contextlib.contextmanager
+    def _not_boundary(self):
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.engine.set_gradient_accumulation_boundary(boundary)
 
     def step(self, skip: bool) -> tuple[bool, Any]:
         # The engine's step is collective: every rank calls it. It skips by itself (and clears the gradients)

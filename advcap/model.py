@@ -16,6 +16,8 @@ step divides by the global token count, so every token weighs the same across ra
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 from dataclasses import dataclass
@@ -242,11 +244,32 @@ def export_hf(captioner: Captioner, tokenizer: Any, out_dir: str | Path) -> Path
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    captioner.model.save_pretrained(str(out))
+    with _zero_pooler(captioner.model.encoder):
+        captioner.model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     captioner.image_processor().save_pretrained(str(out))
     log.info("exported the captioner to %s", out)
     return out
+
+
+@contextlib.contextmanager
+def _zero_pooler(encoder: torch.nn.Module):
+    """Attach an all-zero ViT pooler while saving. `VisionEncoderDecoderModel.from_pretrained` always builds
+    one, and would report it MISSING and initialise it randomly; captioning never uses it, so the export
+    carries a zero one and loads without a gap. The run's own model stays without (unused parameters
+    break DDP)."""
+    if not hasattr(encoder, "pooler") or encoder.pooler is not None:
+        yield
+        return
+    from transformers.models.vit.modeling_vit import ViTPooler
+
+    encoder.pooler = ViTPooler(encoder.config).to(next(encoder.parameters()).device)
+    torch.nn.init.zeros_(encoder.pooler.dense.weight)
+    torch.nn.init.zeros_(encoder.pooler.dense.bias)
+    try:
+        yield
+    finally:
+        encoder.pooler = None
 
 
 def decode_captions(tokenizer: Any, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
@@ -357,8 +380,8 @@ def _load_whole(source: str, image_size: int) -> VisionEncoderDecoderModel:
     from transformers import VisionEncoderDecoderModel
 
     model = _from_pretrained(VisionEncoderDecoderModel, source, "init_from")
-    # HF rebuilds the encoder with a pooler (its load report lists it as MISSING: expected, since exports
-    # have none); the captioner never uses it and DDP rejects unused parameters, so it goes.
+    # HF rebuilds the encoder with a pooler (advcap's exports carry a zero one, see _zero_pooler); the
+    # captioner never uses it and DDP rejects unused parameters, so it goes.
     if getattr(model.encoder, "pooler", None) is not None:
         model.encoder.pooler = None
     _check_image_size(model.config.encoder, image_size, source)

@@ -4,16 +4,19 @@ the rank's own batch and the current weights.
 Passes per micro-batch (a "pass" = one forward through the captioner):
   clean        1 forward, 1 backward
   adversarial  attack forward + input-only backward (no parameter grads), adversarial forward + backward
-  mixed        2 forwards. Scheme `reuse` (DDP, single process): the clean backward, run without
-               gradient sync, yields the parameter gradients AND ∂loss/∂pixels, which FGSM reuses;
-               the adversarial backward then syncs, so there is one all-reduce per optimizer step.
-               Scheme `combined` (DeepSpeed ZeRO-1/2, where no_sync is refused and the engine allows
-               one backward per micro-batch): the input gradient comes from `autograd.grad(...,
-               retain_graph=True)` and one backward of α·clean + (1-α)·adversarial follows. The clean
-               forward runs through the unwrapped model: DeepSpeed hooks the wrapped forward's outputs
-               and would run its gradient reduction at the end of ANY backward through them, the
-               input-gradient pass included. Parameter gradients are unaffected: both wrappers reduce
-               from hooks on the parameters, which fire once with the sum of both passes.
+  mixed        2 forwards. Scheme `reuse` (what training uses, under DDP and DeepSpeed): the clean
+               backward, run under `no_sync` (DDP: no all-reduce; DeepSpeed: not the accumulation
+               boundary), yields the parameter gradients AND ∂loss/∂pixels, which FGSM reuses; the
+               adversarial backward then syncs: one reduction per optimizer step under DDP. Cost:
+               2 forwards + 2 backwards, the floor (bench/step.py: 2.00× the FLOPs of clean).
+               Scheme `combined` (random-start FGSM, whose gradient is not at the clean point; also
+               benchmarked): the input gradient comes from `autograd.grad(..., retain_graph=True)` and
+               one backward of α·clean + (1-α)·adversarial follows: an extra input-gradient pass
+               (2.33× the FLOPs of clean) and two graphs alive at once. Its clean forward runs through
+               the unwrapped model: DeepSpeed hooks the wrapped forward's outputs and would run its
+               gradient reduction at the end of ANY backward through them, the input-gradient pass
+               included. Parameter gradients are unaffected: both wrappers reduce from hooks on the
+               parameters, which fire once with the sum of both passes.
 
 Loss scaling: the captioner returns a SUM of token cross-entropies; `loss_scale` = world / global
 target tokens of the optimizer step, so that DDP's gradient average over ranks yields exactly the

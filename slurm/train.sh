@@ -21,23 +21,11 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
-# The project: under sbatch this file runs from a spool copy, so $0 says nothing about it. The job record
-# keeps the submitted path (Command=); ADVCAP_ROOT overrides; the submit directory is the last resort.
-if [[ -z "${ADVCAP_ROOT:-}" ]]; then
-    script="$0"
-    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-        script="$(scontrol show job "$SLURM_JOB_ID" -o | tr ' ' '\n' | sed -n 's/^Command=//p' | head -n 1)"
-        [[ "$script" == /* ]] || script="${SLURM_SUBMIT_DIR:-$PWD}/$script"
-    fi
-    ADVCAP_ROOT="$(cd "$(dirname "$script")/.." 2>/dev/null && pwd || true)"
-    [[ -f "$ADVCAP_ROOT/slurm/lib.sh" ]] || ADVCAP_ROOT="${SLURM_SUBMIT_DIR:-$PWD}"
-fi
-if [[ ! -f "$ADVCAP_ROOT/slurm/lib.sh" ]]; then
-    echo "advcap: error: no advcap project at $ADVCAP_ROOT: set ADVCAP_ROOT to the project directory" >&2
-    exit 1
-fi
-export ADVCAP_ROOT
-source "$ADVCAP_ROOT/slurm/lib.sh"
+# The project: under sbatch this file runs from a spool copy, so $0 says nothing about it; the job record
+# keeps the submitted path (Command=). ADVCAP_ROOT overrides both.
+script="$0"; [[ -z "${SLURM_JOB_ID:-}" ]] || script="$(scontrol show job "$SLURM_JOB_ID" -o | grep -o 'Command=[^ ]*' | head -n 1 | cut -d= -f2)"
+export ADVCAP_ROOT="${ADVCAP_ROOT:-$(cd "${SLURM_SUBMIT_DIR:-.}" && cd "$(dirname "$script")/.." && pwd)}"
+source "$ADVCAP_ROOT/slurm/lib.sh" || { echo "advcap: error: no advcap project at $ADVCAP_ROOT: set ADVCAP_ROOT" >&2; exit 1; }
 
 [[ -n "${SLURM_JOB_ID:-}" ]] || advcap_die "submit with sbatch: sbatch slurm/train.sh --config <phase> [overrides]"
 (($# > 0)) || advcap_die "no arguments: sbatch slurm/train.sh --config <phase> [overrides]"

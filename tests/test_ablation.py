@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import make_karpathy
 
-from advcap.ablation import RunState, plan_ablation
+from advcap.ablation import RunState, plan_ablation, run_plan
 from advcap.cli import main
 from advcap.errors import AdvcapError
 
@@ -189,3 +189,24 @@ def test_failed_run_is_reported_and_the_rest_goes_on(data, tmp_path, capsys):
     assert "baseline seed 0" in plan and "skip (finished with this config)" in plan
     states = {p.phase: p.state for p in plan_ablation([str(broken), "baseline"], [0], out, tiny(data, "[clean]"))}
     assert states == {"broken": RunState.NEW, "baseline": RunState.FINISHED}
+
+
+@pytest.mark.slow
+def test_parallel_runs_give_the_results_of_sequential_ones(data, tmp_path, capsys):
+    """--parallel 2: two spawned workers, one torch thread each (as the tests' own process has)."""
+    results = {}
+    for parallel in (1, 2):
+        out = tmp_path / f"p{parallel}" / "toy"
+        main(["ablation", "--phases", *PHASES, "--seeds", "0", "--out", str(out), "--parallel", str(parallel), *tiny(data)])
+        results[parallel] = {
+            phase: (json.loads((out / phase / "seed0" / "metrics.json").read_text()),
+                    json.loads((out / phase / "seed0" / "provenance.json").read_text())["weights_sha256"])
+            for phase in PHASES
+        }
+    assert results[1] == results[2]
+    assert capsys.readouterr().out.count(" done ") == 4
+
+
+def test_parallel_refuses_transfer_conditions(data, tmp_path):
+    with pytest.raises(AdvcapError, match="--parallel 1"):
+        run_plan(plan_ablation(PHASES, [0], tmp_path / "runs" / "toy", tiny(data, "[clean,transfer-fgsm]")), parallel=2)

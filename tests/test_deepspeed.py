@@ -60,7 +60,8 @@ def runs(data, tmp_path_factory) -> dict[tuple[str, str], Path]:
 
 
 def _losses(out: Path) -> dict[str, list[float]]:
-    tags = ("train/clean_loss", "train/adversarial_loss")
+    # The gradient norm (before clipping) is sensitive to the gradient's scale, which Adam's updates are not.
+    tags = ("train/clean_loss", "train/adversarial_loss", "train/grad_norm")
     series = scalars(out)
     return {tag: [value for _, value in series[tag]] for tag in tags}
 
@@ -122,6 +123,9 @@ def test_zero2_checkpoint_resumes_to_the_uninterrupted_run(runs, data, tmp_path)
     out = run_dir(load_config("adv_train", cfg_overrides))
     checkpoint = out / "checkpoints" / "step00000002"
     assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "pytorch_model").is_dir()
+    # Each rank's own files made it in before the directory was renamed into place.
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert len(list((checkpoint / "pytorch_model").glob("*optim_states.pt"))) == 2  # one ZeRO partition per rank
 
     resumed = _launch("zero2", "adv_train", cfg_overrides, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -171,3 +175,21 @@ def test_a_deepspeed_json_contradicting_the_advcap_config_is_refused(tmp_path):
         configure_deepspeed(_accelerator_with(tmp_path, config), 64, 8, 4, 1.0)
     # The same number is not a conflict.
     configure_deepspeed(_accelerator_with(tmp_path, {**_shipped(2), "train_micro_batch_size_per_gpu": 8}), 64, 8, 4, 1.0)
+
+
+def test_the_ablation_trains_and_evaluates_under_zero2(data, tmp_path):
+    """What slurm/ablation.sh runs with LAUNCHER_CONFIG=configs/accelerate/zero2.yaml: train under the
+    DeepSpeed engine, then evaluate in the same processes."""
+    out = tmp_path / "runs" / "demo"
+    cfg_overrides = [o for o in _overrides(data, tmp_path) if not o.startswith("run.out=")]
+    launch = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "configs" / "accelerate" / "zero2.yaml"),
+              "--num_processes", "2", "--main_process_port", str(_free_port())]
+    proc = _run([*launch, "-m", "advcap.cli", "ablation", "--phases", "freeze_vit", "--seeds", "0", "--out", str(out),
+                 *cfg_overrides, "eval.conditions=[clean,fgsm]", "eval.train_subset_images=8"], timeout=240)
+    errors = [line for line in proc.stderr.splitlines() if "[rank1]" in line or "error" in line.lower()]
+    assert proc.returncode == 0, "\n".join(errors[-40:]) + proc.stderr[-3000:]
+    run = out / "freeze_vit" / "seed0"
+    assert json.loads((run / "provenance.json").read_text())["distributed_type"] == "DEEPSPEED"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"clean", "fgsm"} and metrics["test"]["clean"]["images"] == 12
+    assert proc.stdout.count("freeze_vit seed 0  done") == 1  # printed by rank 0 only

@@ -121,7 +121,10 @@ def test_export_round_trip_through_the_three_hf_classes(trained, tokenizer, tmp_
     from transformers import AutoTokenizer, VisionEncoderDecoderModel, ViTImageProcessor
 
     out = export_hf(trained, tokenizer, tmp_path / "hf")
-    model = VisionEncoderDecoderModel.from_pretrained(out).eval()
+    model, loading = VisionEncoderDecoderModel.from_pretrained(out, output_loading_info=True)
+    model.eval()
+    assert not any(loading.values()), loading  # no missing (the zero pooler is saved), unexpected or mismatched keys
+    assert trained.model.encoder.pooler is None  # the run's model stays without one
     hf_tokenizer = AutoTokenizer.from_pretrained(out)
     processor = ViTImageProcessor.from_pretrained(out)
 
