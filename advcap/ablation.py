@@ -315,30 +315,38 @@ def _worker_init(threads: int, level: int) -> None:
 
 
 def _run_parallel(plan: Sequence[PlannedRun], parallel: int) -> list[RunResult]:
-    """`parallel` runs at a time in spawned worker processes (a forked child of a process that has
-    used OpenMP threads can hang), results in plan order."""
+    """`parallel` runs at a time in spawned worker processes (a forked child of a process that has used
+    OpenMP threads can hang), results in plan order. Runs whose model another run's transfer-fgsm needs
+    (the baselines) go first, as a wave of their own."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    if any(TRANSFER in p.config.eval.conditions for p in plan):
-        raise AdvcapError(f"{TRANSFER} evaluates against the baseline's model, which must be trained first: run with --parallel 1")
+    sources = {Path(p.config.eval.transfer_from) for p in plan
+               if TRANSFER in p.config.eval.conditions and p.config.eval.transfer_from}
+    waves = [[p for p in plan if p.run_dir in sources], [p for p in plan if p.run_dir not in sources]]
     threads = max(1, (os.cpu_count() or 1) // parallel)
     log.info("running %d runs at a time, %d torch thread(s) each", parallel, threads)
     context = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
+    done: dict[Path, RunResult] = {}
+    stopped = False
     with ProcessPoolExecutor(parallel, mp_context=context, initializer=_worker_init, initargs=(threads, level)) as pool:
-        futures = [pool.submit(_run_and_time, planned, set()) for planned in plan]
-        results = []
-        for i, future in enumerate(futures, 1):
-            if future.cancelled():
-                continue
-            results.append(future.result())
-            _log_result(i, len(plan), results[-1])
-            if results[-1].status == "stopped":
-                log.warning("stopping the ablation after the runs in progress; run it again to resume")
-                for pending in futures[i:]:
-                    pending.cancel()
-    return results
+        for wave in waves:
+            if stopped:
+                break
+            failed = {d for d, r in done.items() if not r.ok}
+            futures = [pool.submit(_run_and_time, planned, failed) for planned in wave]
+            for planned, future in zip(wave, futures):
+                if future.cancelled():
+                    continue
+                result = done[planned.run_dir] = future.result()
+                _log_result(len(done), len(plan), result)
+                if result.status == "stopped" and not stopped:
+                    log.warning("stopping the ablation after the runs in progress; run it again to resume")
+                    stopped = True
+                    for pending in futures:
+                        pending.cancel()
+    return [done[p.run_dir] for p in plan if p.run_dir in done]
 
 
 def _run_one(planned: PlannedRun, failed_dirs: set[Path]) -> str:

@@ -1,7 +1,7 @@
 """`advcap demo`: the whole study in miniature, offline, on the CPU.
 
 generate the demo set → shards → verify → tokenizer → pretrain the stand-ins for ImageNet ViT and
-GPT-2 → the five phases × three seeds (train, then evaluate clean / FGSM / PGD / blind) → report.
+GPT-2 → the five phases × three seeds (train, then evaluate clean / FGSM / PGD / transfer / blind) → report.
 Every stage is skipped when its output already exists, so an interrupted demo resumes.
 """
 
@@ -56,7 +56,7 @@ def demo_overrides(data: Path, pretrained: Path, settings: dict) -> list[str]:
         "eval.train_subset_images=100",
         "eval.batch_size=50",
         "eval.max_new_tokens=20",
-        "eval.conditions=[clean,fgsm,pgd,blind,fgsm@0.05,fgsm@0.2]",
+        "eval.conditions=[clean,fgsm,pgd,blind,fgsm@0.05,fgsm@0.2,transfer-fgsm]",
         "eval.pgd_steps=5",
         f"eval.pgd_step_size={settings['epsilon'] / 4}",
     ]

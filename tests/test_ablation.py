@@ -207,6 +207,12 @@ def test_parallel_runs_give_the_results_of_sequential_ones(data, tmp_path, capsy
     assert capsys.readouterr().out.count(" done ") == 4
 
 
-def test_parallel_refuses_transfer_conditions(data, tmp_path):
-    with pytest.raises(AdvcapError, match="--parallel 1"):
-        run_plan(plan_ablation(PHASES, [0], tmp_path / "runs" / "toy", tiny(data, "[clean,transfer-fgsm]")), parallel=2)
+@pytest.mark.slow
+def test_parallel_runs_train_the_transfer_source_first(data, tmp_path):
+    """transfer-fgsm needs the same seed's baseline model: --parallel trains the baselines as a first wave."""
+    out = tmp_path / "runs" / "toy"
+    results = run_plan(plan_ablation(PHASES, [0, 1], out, tiny(data, "[clean,transfer-fgsm]")), parallel=2)
+    assert [r.status for r in results] == ["done"] * 4
+    for seed in (0, 1):
+        metrics = json.loads((out / "adv_train" / f"seed{seed}" / "metrics.json").read_text())
+        assert metrics["test"]["transfer-fgsm"]["images"] == 6
