@@ -43,6 +43,9 @@ RUNS="${RUNS:-runs/$DATASET}"
 LAUNCHER_CONFIG="${LAUNCHER_CONFIG:-configs/accelerate/ddp.yaml}"
 tasks=$(( ${#phases[@]} * ${#seeds[@]} ))
 ((tasks > 0)) || advcap_die "PHASES and SEEDS must not be empty"
+# Tasks run in parallel, so no task can count on another's model (transfer-fgsm is crafted on the baseline's).
+[[ "${OVERRIDES:-}" != *transfer-fgsm* ]] || advcap_die "transfer-fgsm needs each seed's baseline trained first," \
+    "which an array cannot promise: leave it out of eval.conditions here, or run the study with advcap ablation in one job"
 
 cd "$ADVCAP_ROOT"
 advcap_activate

@@ -150,6 +150,17 @@ def test_without_sbatch_the_script_checks_then_submits_the_right_array(slurm_clu
         slurm_cluster.run(["scancel", job])
 
 
+def test_train_sh_fails_before_training_without_shards(slurm_cluster, data, tmp_path):
+    args = ["--config", "baseline", *tiny(data, f"data.shards={tmp_path / 'nowhere'}", f"run.out={tmp_path / 'runs'}")]
+    job = slurm_cluster.sbatch([*SMALL, "--nodes=1", str(REPO / "slurm" / "train.sh"), *args], cwd=tmp_path,
+                               env=job_env(slurm_cluster))
+    (record,) = slurm_cluster.wait(job, timeout=120)
+    log = (tmp_path / f"advcap-train-{job}.out").read_text()
+    assert record["JobState"] == "FAILED", log
+    assert f"no manifest.json in {tmp_path / 'nowhere'}" in log and "the run does not check out" in log
+    assert "rendezvous at" not in log and not (tmp_path / "runs").exists()  # stopped before srun
+
+
 def test_train_sh_runs_one_rank_per_node_on_two_nodes(slurm_cluster_2nodes, data, tmp_path):
     env = job_env(slurm_cluster_2nodes)
     args = ["--config", "adv_train", *tiny(data, f"data.shards={data / 'shards'}", f"run.out={tmp_path / 'runs'}")]
