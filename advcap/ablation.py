@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from advcap.errors import AdvcapError
+from advcap.stopping import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,8 @@ def _run_and_time(planned: PlannedRun, failed_dirs: set[Path]) -> RunResult:
     try:
         status = _run_one(planned, failed_dirs)
         error = "" if status != "stopped" else "training stopped on request (a checkpoint was saved)"
+    except Stopped as err:
+        status, error = "stopped", f"{err} (the trained model is kept and evaluated next time)"
     except Exception as err:  # noqa: BLE001 — any failure of one run is reported, the rest goes on
         status = "refused" if planned.state == RunState.CONFLICT else "failed"
         error = str(err) or type(err).__name__
@@ -431,6 +434,9 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
         print(format_results(results))
     bad = [r for r in results if not r.ok]
     not_started = len(plan) - len(results)
+    if any(r.status == "stopped" for r in results):
+        # Preemption or a time limit, not a failure: exit EXIT_STOPPED so that a SLURM task requeues itself.
+        raise Stopped(f"stopped on request with {len(plan) - len(results) + len(bad)} of {len(plan)} runs not done")
     if bad or not_started:
         names = ", ".join(f"{r.phase}/seed{r.seed} ({r.status})" for r in bad)
         more = f"; {not_started} not started" if not_started else ""

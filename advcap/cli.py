@@ -9,6 +9,7 @@ import os
 import sys
 
 from advcap.errors import AdvcapError
+from advcap.stopping import EXIT_STOPPED, Stopped
 
 
 CLI_MODULES: list[str] = ["advcap.ablation", "advcap.report", "advcap.evaluate", "advcap.demo"]
@@ -52,7 +53,7 @@ def _cmd_tokenizer(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from advcap.config import load_config
-    from advcap.train import EXIT_STOPPED, STOPPED, train
+    from advcap.train import STOPPED, train
 
     cfg = load_config(args.config, args.overrides)
     if args.check:
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     except AdvcapError as err:
         print(f"advcap {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Stopped as err:
+        print(f"advcap {args.command}: {err}; run the same command again to go on", file=sys.stderr)
+        raise SystemExit(EXIT_STOPPED) from None
 
 
 if __name__ == "__main__":

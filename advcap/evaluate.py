@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from advcap.bleu import corpus_bleu_scores
 from advcap.config import EVAL_SPLITS, Config, load_config, parse_condition
 from advcap.errors import AdvcapError
+from advcap.stopping import StopRequest, Stopped
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 SELECTIONS = ("final", "best-val")
 METRICS_FILE, PREDICTIONS_FILE, INFO_FILE = "metrics.json", "predictions.jsonl", "evaluation.json"
 _CHECKPOINT = re.compile(r"step(\d{8})$")
+DEEPSPEED_TAG = "pytorch_model"  # the directory Accelerate's save_state gives a DeepSpeed engine's checkpoint
 
 
 @dataclass(frozen=True)
@@ -137,16 +139,25 @@ def checkpoints(run: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_checkpoint_weights(captioner: Captioner, checkpoint: str | os.PathLike[str]) -> None:
-    """Load a training checkpoint's weights (`model.safetensors` written by Accelerate) into `captioner`.
+    """Load a training checkpoint's weights into `captioner`: Accelerate's `model.safetensors` (DDP or one
+    process), or under DeepSpeed the ZeRO checkpoint in `pytorch_model/`, merged from every rank's fp32 partition.
 
     Tied weights (GPT-2's lm_head is its token embedding) are saved once; every other key must match.
     """
-    from safetensors.torch import load_file
+    path = Path(checkpoint)
+    device = next(captioner.parameters()).device
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
 
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.is_file():
-        raise AdvcapError(f"{path} not found: only checkpoints with a model.safetensors can be evaluated")
-    state = load_file(str(path), device=str(next(captioner.parameters()).device))
+        path = path / "model.safetensors"
+        state = load_file(str(path), device=str(device))
+    elif (path / DEEPSPEED_TAG).is_dir():
+        path = path / DEEPSPEED_TAG
+        state = {k: v.to(device) for k, v in _zero_fp32_state(path).items()}
+    else:
+        raise AdvcapError(
+            f"{path} holds no weights: neither model.safetensors (DDP, one process) nor {DEEPSPEED_TAG}/ (DeepSpeed)"
+        )
     missing, unexpected = captioner.load_state_dict(state, strict=False)
     params = dict(captioner.named_parameters(remove_duplicate=False))
     loaded = {id(params[k]) for k in state if k in params}
@@ -155,6 +166,24 @@ def load_checkpoint_weights(captioner: Captioner, checkpoint: str | os.PathLike[
         raise AdvcapError(
             f"{path} does not fit the run's exported model: missing {untied[:5]}, unexpected {list(unexpected)[:5]}"
         )
+
+
+def _zero_fp32_state(tagged: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a ZeRO-1/2 checkpoint directory (Accelerate saves it under the tag
+    `pytorch_model`): DeepSpeed's own merge of the per-rank partitions, frozen parameters included."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    chatter = io.StringIO()  # the merge prints its progress; keep it out of advcap's stdout
+    try:
+        with contextlib.redirect_stdout(chatter):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tagged.parent), tag=tagged.name)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
+        raise AdvcapError(f"{tagged} is not a readable DeepSpeed ZeRO checkpoint: {err}") from None
+    log.debug("%s", chatter.getvalue().strip())
+    return state
 
 
 def _final_state(run: Path) -> dict:
@@ -282,9 +311,14 @@ class BatchCaptioner:
 
 
 def _caption_split(
-    batch_captioner: BatchCaptioner, cfg: Config, manifest: Any, split: str, conditions: Sequence[Condition], accelerator: Any
+    batch_captioner: BatchCaptioner, cfg: Config, manifest: Any, split: str, conditions: Sequence[Condition],
+    accelerator: Any, stop: StopRequest,
 ) -> list[dict]:
-    """This rank's per-image records of one split: its batches of `EvalStream`, captioned under every condition."""
+    """This rank's per-image records of one split: its batches of `EvalStream`, captioned under every condition.
+
+    Raises Stopped before the next batch once a stop is requested. The ranks need not agree on the batch:
+    the first to exit ends the job (the launcher stops the others), and nothing partial was written.
+    """
     from tqdm.auto import tqdm
 
     from advcap.data.loader import EvalStream, make_loader
@@ -301,6 +335,8 @@ def _caption_split(
         desc=f"eval {split}", disable=not accelerator.is_main_process,
     )
     for batch in batches:
+        if stop.requested:
+            raise Stopped(f"evaluation stopped on request during the {split} split; nothing of it was written")
         captions = batch_captioner(batch["pixels"].to(device), batch["labels"].to(device), batch["references"], conditions)
         for position, (image_id, references) in enumerate(zip(batch["image_ids"], batch["references"])):
             records.append({
@@ -345,7 +381,7 @@ def _expected_images(manifest: Any, cfg: Config, split: str) -> int:
 
 
 def _select_best_val(
-    batch_captioner: BatchCaptioner, run: Path, cfg: Config, manifest: Any, accelerator: Any
+    batch_captioner: BatchCaptioner, run: Path, cfg: Config, manifest: Any, accelerator: Any, stop: StopRequest
 ) -> dict:
     """Load the kept checkpoint with the best clean val BLEU-4 (ties: the later one) into the captioner.
 
@@ -359,7 +395,7 @@ def _select_best_val(
     scores = {}
     for checkpoint in candidates:
         load_checkpoint_weights(batch_captioner.captioner, checkpoint)
-        records = _gather(accelerator, _caption_split(batch_captioner, cfg, manifest, "val", clean, accelerator), expected, "val")
+        records = _gather(accelerator, _caption_split(batch_captioner, cfg, manifest, "val", clean, accelerator, stop), expected, "val")
         scores[checkpoint.name] = split_metrics(records, ["clean"])["clean"]["bleu4"]
         log.info("best-val: %s clean val BLEU-4 %.4f", checkpoint.name, scores[checkpoint.name])
     best = max(candidates, key=lambda c: (scores[c.name], c.name))
@@ -375,6 +411,7 @@ def evaluate(
     splits: Optional[Sequence[str]] = None,
     accelerator: Any = None,
     overrides: Sequence[str] = (),
+    stop: Optional[StopRequest] = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Evaluate a finished run: captions on clean and attacked images, BLEU-1…4 per split and condition.
 
@@ -387,12 +424,14 @@ def evaluate(
             first `eval.train_subset_images` images.
         accelerator: an `accelerate.Accelerator`; default a new one (CPU when there is no CUDA).
         overrides: dotted `eval.*` overrides of the run's config (e.g. "eval.pgd_target=clean_caption").
+        stop: checked before every batch; default the stop file of $ADVCAP_STOP_FILE (see advcap.stopping).
     Returns:
         {split: {condition: {"bleu1", "bleu2", "bleu3", "bleu4", "images"}}}, the same on every rank;
         the main process also writes metrics.json, predictions.jsonl, evaluation.json and TensorBoard scalars.
     Raises:
         AdvcapError: an unfinished run, unknown selection/split/condition, transfer-fgsm without
             `eval.transfer_from`, missing shards.
+        Stopped: a stop was requested; no output was written.
     """
     import torch
     from accelerate.utils import gather_object
@@ -400,6 +439,7 @@ def evaluate(
     from advcap.data.manifest import load_manifest
 
     run = Path(run)
+    stop = stop or StopRequest()
     cfg = load_run_config(run, overrides)
     if select not in SELECTIONS:
         raise AdvcapError(f"--select {select!r} is not allowed; expected one of {' | '.join(SELECTIONS)}")
@@ -424,13 +464,13 @@ def evaluate(
     final_step = int(_final_state(run).get("step", 0))
     info: dict[str, Any] = {"select": select, "weights": "hf", "step": final_step}
     if select == "best-val":
-        info.update(_select_best_val(batch_captioner, run, cfg, manifest, accelerator))
+        info.update(_select_best_val(batch_captioner, run, cfg, manifest, accelerator, stop))
 
     metrics, records, per_rank = {}, [], {}
     names = [c.name for c in conds]
     for split in splits:
         log.info("evaluating %s on %s: %s", run, split, ", ".join(names))
-        local = _caption_split(batch_captioner, cfg, manifest, split, conds, accelerator)
+        local = _caption_split(batch_captioner, cfg, manifest, split, conds, accelerator, stop)
         per_rank[split] = gather_object([len(local)])
         split_records = _gather(accelerator, local, _expected_images(manifest, cfg, split), split)
         metrics[split] = split_metrics(split_records, names)

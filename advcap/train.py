@@ -29,48 +29,14 @@ from advcap.errors import AdvcapError
 from advcap.freeze import apply_freeze, trainable_parameters
 from advcap.model import build_captioner, decode_captions, export_hf, tokenizer_source
 from advcap.step import StepSettings, train_micro_step
+from advcap.stopping import EXIT_STOPPED, StopRequest  # noqa: F401 — EXIT_STOPPED: callers know it from here
 from advcap.tblog import TrainLogger
 from advcap.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 FINISHED, STOPPED = "finished", "stopped"
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early on request, resumable with --resume latest
 STATE_FILE = "trainer_state.json"
-
-
-STOP_FILE_VARIABLE = "ADVCAP_STOP_FILE"
-
-
-class StopRequest:
-    """A request to checkpoint and stop, acted on at the next step by all ranks (the flag is reduced).
-
-    Two ways in: SIGUSR1/SIGTERM to a rank (a local run, or the launcher forwarding SIGTERM), and a stop
-    file whose path is in $ADVCAP_STOP_FILE. The file is what the SLURM scripts use: `--signal=B:USR1`
-    reaches only the batch shell, and the launcher forwards no USR1 to the ranks, so the shell creates
-    the file instead; on a shared file system it reaches the ranks of every node.
-    """
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self, stop_file: str | None = None):
-        self.signalled = False
-        self.stop_file = stop_file if stop_file is not None else os.environ.get(STOP_FILE_VARIABLE) or None
-
-    @property
-    def requested(self) -> bool:
-        if not self.signalled and self.stop_file and os.path.exists(self.stop_file):
-            log.warning("stop file %s exists: will checkpoint and stop after the current step", self.stop_file)
-            self.signalled = True
-        return self.signalled
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("received %s: will checkpoint and stop after the current step", signal.Signals(signum).name)
-        self.signalled = True
 
 
 def resolve_tokenizer(cfg: Config):

@@ -2,8 +2,9 @@
 #
 # Preemption and time limits: the job has `--signal=B:USR1@<s>`, which reaches only this batch shell
 # (the launcher forwards no USR1 to the ranks). The shell creates a stop file instead; the ranks poll it
-# ($ADVCAP_STOP_FILE, on the shared file system), agree on the step, checkpoint and exit; the shell then
-# requeues the job, whose next start resumes from that checkpoint.
+# ($ADVCAP_STOP_FILE, on the shared file system): training agrees on the step, checkpoints and exits,
+# evaluation exits before its next batch (writing nothing). The shell then requeues the job, whose next
+# start resumes from that checkpoint, or evaluates the trained model again.
 
 advcap_die() {
     echo "advcap: error: $*" >&2

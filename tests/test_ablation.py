@@ -191,6 +191,35 @@ def test_failed_run_is_reported_and_the_rest_goes_on(data, tmp_path, capsys):
     assert states == {"broken": RunState.NEW, "baseline": RunState.FINISHED}
 
 
+def test_a_stop_during_evaluation_exits_75_and_the_next_call_evaluates(data, tmp_path, monkeypatch, capsys):
+    """A stop request (the SLURM scripts' stop file) while a trained run is being evaluated: exit 75 (the
+    task requeues itself), the model kept, nothing half-written; the next call evaluates it."""
+    from advcap.stopping import EXIT_STOPPED
+    from advcap.train import FINISHED, train
+
+    out = tmp_path / "runs" / "toy"
+    args = ["ablation", "--phases", "baseline", "--seeds", "0", "--out", str(out), *tiny(data, "[clean]")]
+    (planned,) = plan_ablation(["baseline"], [0], out, tiny(data, "[clean]"))
+    assert train(planned.config) == FINISHED
+    run = out / "baseline" / "seed0"
+    model = (run / "hf" / "model.safetensors").read_bytes()
+    stop_file = tmp_path / "stop"
+    stop_file.touch()
+    monkeypatch.setenv("ADVCAP_STOP_FILE", str(stop_file))
+    for command in (args, ["eval", str(run)]):
+        with pytest.raises(SystemExit) as exc:
+            main(command)
+        assert exc.value.code == EXIT_STOPPED
+        assert "stopped on request" in capsys.readouterr().err
+    assert not (run / "metrics.json").exists() and not (run / "predictions.jsonl").exists()
+    assert (run / "hf" / "model.safetensors").read_bytes() == model
+
+    stop_file.unlink()
+    main(args)
+    assert "baseline seed 0  evaluated" in capsys.readouterr().out
+    assert set(json.loads((run / "metrics.json").read_text())["test"]) == {"clean"}
+
+
 @pytest.mark.slow
 def test_parallel_runs_give_the_results_of_sequential_ones(data, tmp_path, capsys):
     """--parallel 2: two spawned workers, one torch thread each (as the tests' own process has)."""

@@ -19,6 +19,7 @@ from test_train import BIN, REPO, S, _free_port, _run, data, fresh_captioner, lo
 from advcap.config import load_config, run_dir
 from advcap.distributed import configure_deepspeed
 from advcap.errors import AdvcapError
+from advcap.evaluate import load_checkpoint_weights
 from advcap.freeze import parameter_group
 from advcap.train import EXIT_STOPPED
 
@@ -135,6 +136,36 @@ def test_zero2_checkpoint_resumes_to_the_uninterrupted_run(runs, data, tmp_path)
     reference = json.loads((runs["zero2", "adv_train"] / "provenance.json").read_text())["weights_sha256"]
     assert json.loads((out / "provenance.json").read_text())["weights_sha256"] == reference
     assert _losses(out)["train/clean_loss"][-2:] == _losses(runs["zero2", "adv_train"])["train/clean_loss"][-2:]
+
+
+@pytest.mark.parametrize("phase", ["adv_train", "freeze_vit"])
+def test_a_zero2_checkpoint_loads_as_the_weights_of_its_step(runs, phase):
+    """`advcap eval --select best-val` reads kept checkpoints: under DeepSpeed, ZeRO partitions merged to fp32."""
+    zero, ddp = runs["zero2", phase], runs["ddp", phase]
+    cfg = load_config(zero / "config.yaml")
+
+    def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+        captioner = fresh_captioner(cfg)
+        load_checkpoint_weights(captioner, run / "checkpoints" / f"step{step:08d}")
+        return dict(captioner.model.named_parameters())
+
+    final, exported = weights(zero, STEPS), dict(load_export(zero).named_parameters())
+    assert final.keys() == exported.keys()
+    for name, param in final.items():
+        assert torch.equal(param, exported[name]), name
+    middle, ddp_middle = weights(zero, STEPS // 2), weights(ddp, STEPS // 2)
+    for name, param in middle.items():
+        torch.testing.assert_close(param, ddp_middle[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.equal(param, final[name]) for name, param in middle.items())
+
+
+def test_a_checkpoint_without_weights_is_refused_by_name(tmp_path, runs):
+    captioner = fresh_captioner(load_config(runs["zero2", "adv_train"] / "config.yaml"))
+    with pytest.raises(AdvcapError, match="holds no weights: neither model.safetensors .* nor pytorch_model/"):
+        load_checkpoint_weights(captioner, tmp_path)
+    (tmp_path / "pytorch_model").mkdir()
+    with pytest.raises(AdvcapError, match="is not a readable DeepSpeed ZeRO checkpoint"):
+        load_checkpoint_weights(captioner, tmp_path)
 
 
 # ---------------------------------------------------------------- the DeepSpeed config, from advcap's YAML
