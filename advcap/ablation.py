@@ -39,9 +39,9 @@ class RunState:
 
     NEW = "new"  # nothing there (or a config but neither checkpoints nor a finished run): train
     RESUME = "resume"  # the same config, checkpoints of an unfinished run: continue from the latest
-    EVALUATE = "evaluate"  # trained with the same config; metrics.json missing or older than the model
+    EVALUATE = "evaluate"  # trained with the same config; metrics missing, older than the model or of other eval settings
     FINISHED = "finished"  # trained and evaluated with the same config: skipped
-    CONFLICT = "conflict"  # config.yaml differs from the one asked for: refused
+    CONFLICT = "conflict"  # config.yaml differs from the one asked for outside `eval`: refused
 
 
 @dataclass(frozen=True)
@@ -186,21 +186,25 @@ def plan_ablation(
 
 
 def classify(cfg: Any) -> tuple[str, str]:
-    """(RunState, detail) of the run dir of `cfg`; detail names the differing keys of a CONFLICT."""
+    """(RunState, detail) of the run dir of `cfg`; detail names the differing keys of a CONFLICT, or the
+    evaluation settings that changed since the run was trained (which do not touch the model: re-evaluated)."""
     from advcap.config import diff_configs, load_config, run_dir
 
     out = run_dir(cfg)
     saved = out / "config.yaml"
     if not saved.is_file():
         return RunState.NEW, ""
-    diffs = diff_configs(load_config(saved), cfg, ignore=())
+    saved_cfg = load_config(saved)
+    diffs = diff_configs(saved_cfg, cfg, ignore=("eval",))
     if diffs:
         return RunState.CONFLICT, f"{out} holds a run with a different config ({'; '.join(diffs)})"
+    eval_diffs = diff_configs(saved_cfg, cfg, ignore=())
+    detail = f"new eval settings ({'; '.join(eval_diffs)})" if eval_diffs else ""
     if not _training_finished(out):
-        return (RunState.RESUME, "") if _has_checkpoints(out) else (RunState.NEW, "")
-    if _metrics_fresh(out, cfg):
+        return (RunState.RESUME, detail) if _has_checkpoints(out) else (RunState.NEW, detail)
+    if not eval_diffs and _metrics_fresh(out, cfg):
         return RunState.FINISHED, ""
-    return RunState.EVALUATE, ""
+    return RunState.EVALUATE, detail
 
 
 def _training_finished(out: Path) -> bool:
@@ -223,9 +227,19 @@ def _newest_mtime(folder: Path) -> float:
 
 
 def _metrics_fresh(out: Path, cfg: Any) -> bool:
-    """metrics.json exists and is newer than the evaluated model (and the transfer source's model)."""
+    """metrics.json exists, answers to the eval settings of `cfg` (evaluation.json records them) and is
+    newer than the evaluated model (and the transfer source's model)."""
+    from advcap.config import config_to_dict
+    from advcap.evaluate import INFO_FILE
+
     metrics = out / "metrics.json"
-    if not metrics.is_file():
+    if not metrics.is_file() or not (out / INFO_FILE).is_file():
+        return False
+    try:
+        evaluated_with = json.loads((out / INFO_FILE).read_text()).get("eval")
+    except ValueError:
+        return False
+    if evaluated_with != config_to_dict(cfg)["eval"]:
         return False
     models = [out / "hf"]
     if TRANSFER in cfg.eval.conditions and cfg.eval.transfer_from:
@@ -366,9 +380,17 @@ def _run_one(planned: PlannedRun, failed_dirs: set[Path]) -> str:
     source = cfg.eval.transfer_from
     if TRANSFER in cfg.eval.conditions and source and Path(source) in failed_dirs:
         raise AdvcapError(f"trained, but not evaluated: {TRANSFER} needs the model of {source}, which failed")
+    from advcap.cli import launch_rank
+    from advcap.config import load_config, save_config
     from advcap.evaluate import evaluate
 
-    evaluate(planned.run_dir)
+    # Evaluation settings may have changed since training (they do not touch the model): the run's
+    # config.yaml records those its metrics answer to. Every rank evaluates with `cfg.eval` as given, so
+    # none depends on when the main process rewrites the file.
+    saved = planned.run_dir / "config.yaml"
+    if launch_rank() == 0 and load_config(saved) != cfg:
+        save_config(cfg, saved)
+    evaluate(planned.run_dir, settings=cfg.eval)
     return "done" if planned.state != RunState.EVALUATE else "evaluated"
 
 

@@ -31,6 +31,7 @@ at the run's final step. Each evaluation replaces the previous files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from advcap.bleu import corpus_bleu_scores
-from advcap.config import EVAL_SPLITS, Config, load_config, parse_condition
+from advcap.config import EVAL_SPLITS, Config, config_to_dict, load_config, parse_condition
 from advcap.errors import AdvcapError
 from advcap.stopping import StopRequest, Stopped
 
@@ -78,10 +79,11 @@ class Generation:
 # ---------------------------------------------------------------- loading runs and models
 
 
-def load_run_config(run: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+def load_run_config(run: str | os.PathLike[str], overrides: Sequence[str] = (), settings: Any = None) -> Config:
     """The resolved config of a finished run (config.yaml, trainer_state.json finished, hf/ export).
 
     `overrides` (dotted, as on the command line) may change `eval.*` settings only: the model is trained.
+    `settings` (an `EvalConfig`), instead of overrides, replaces the whole `eval` section.
     """
     run = Path(run)
     trained = [o for o in overrides if not o.startswith("eval.")]
@@ -98,7 +100,10 @@ def load_run_config(run: str | os.PathLike[str], overrides: Sequence[str] = ()) 
             f"{run} is not a finished run (no finished trainer_state.json and hf/ export): "
             "finish training first (advcap train ... --resume latest)"
         )
-    return load_config(run / "config.yaml", overrides)
+    if settings is not None and overrides:
+        raise AdvcapError("give either eval settings or eval.* overrides, not both")
+    cfg = load_config(run / "config.yaml", overrides)
+    return dataclasses.replace(cfg, eval=settings) if settings is not None else cfg
 
 
 def hf_dir(model: str | os.PathLike[str]) -> Path:
@@ -412,6 +417,7 @@ def evaluate(
     accelerator: Any = None,
     overrides: Sequence[str] = (),
     stop: Optional[StopRequest] = None,
+    settings: Any = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Evaluate a finished run: captions on clean and attacked images, BLEU-1…4 per split and condition.
 
@@ -425,6 +431,8 @@ def evaluate(
         accelerator: an `accelerate.Accelerator`; default a new one (CPU when there is no CUDA).
         overrides: dotted `eval.*` overrides of the run's config (e.g. "eval.pgd_target=clean_caption").
         stop: checked before every batch; default the stop file of $ADVCAP_STOP_FILE (see advcap.stopping).
+        settings: an `EvalConfig` used instead of the run's `eval` section (the ablation's, when only
+            evaluation settings changed since training); not together with `overrides`.
     Returns:
         {split: {condition: {"bleu1", "bleu2", "bleu3", "bleu4", "images"}}}, the same on every rank;
         the main process also writes metrics.json, predictions.jsonl, evaluation.json and TensorBoard scalars.
@@ -440,9 +448,13 @@ def evaluate(
 
     run = Path(run)
     stop = stop or StopRequest()
-    cfg = load_run_config(run, overrides)
+    cfg = load_run_config(run, overrides, settings)
     if select not in SELECTIONS:
         raise AdvcapError(f"--select {select!r} is not allowed; expected one of {' | '.join(SELECTIONS)}")
+    # The eval settings these metrics answer to (recorded; the ablation re-evaluates a run when they change).
+    settings_used = config_to_dict(cfg)["eval"]
+    settings_used.update({"conditions": list(conditions)} if conditions else {})
+    settings_used.update({"splits": list(splits)} if splits else {})
     conds = resolve_conditions(list(conditions or cfg.eval.conditions), cfg)
     splits = _check_splits(list(splits or cfg.eval.splits))
     needs_transfer = any(c.kind == "transfer-fgsm" for c in conds)
@@ -478,6 +490,7 @@ def evaluate(
 
     if accelerator.is_main_process:
         info.update(
+            eval=settings_used,
             conditions={c.name: {"kind": c.kind, "epsilon": c.epsilon} for c in conds},
             splits=splits,
             generation={"max_new_tokens": cfg.eval.max_new_tokens, "num_beams": cfg.eval.num_beams},

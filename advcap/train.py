@@ -53,11 +53,16 @@ def prepare_run_dir(cfg: Config, out: Path, resume: str | None) -> str | None:
     """Check the run dir against the config. Returns FINISHED if this exact run is already done."""
     saved = out / "config.yaml"
     if saved.is_file():
-        diffs = diff_configs(load_config(saved), cfg, ignore=())
+        saved_cfg = load_config(saved)
+        # `eval` settings do not touch the model: a run trained with other ones is the same run.
+        diffs = diff_configs(saved_cfg, cfg, ignore=("eval",))
         if diffs:
             raise AdvcapError(f"{out} holds a run with a different config ({'; '.join(diffs)}); use another run.out")
         state_file = out / STATE_FILE
         if state_file.is_file() and json.loads(state_file.read_text()).get("finished"):
+            if saved_cfg != cfg and int(os.environ.get("RANK", "0")) == 0:
+                save_config(cfg, saved)  # an unfinished run rewrites it when it starts
+                log.info("%s: trained already; its config.yaml now holds the new eval settings", out)
             return FINISHED
     if resume is None and any((out / "checkpoints").glob("step*")):
         raise AdvcapError(f"{out} has checkpoints of an unfinished run: continue it with --resume latest")

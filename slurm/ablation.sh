@@ -45,7 +45,8 @@ tasks=$(( ${#phases[@]} * ${#seeds[@]} ))
 ((tasks > 0)) || advcap_die "PHASES and SEEDS must not be empty"
 # Tasks run in parallel, so no task can count on another's model (transfer-fgsm is crafted on the baseline's).
 [[ "${OVERRIDES:-}" != *transfer-fgsm* ]] || advcap_die "transfer-fgsm needs each seed's baseline trained first," \
-    "which an array cannot promise: leave it out of eval.conditions here, or run the study with advcap ablation in one job"
+    "which an array cannot promise: leave it out of eval.conditions here; once the array is done, one job of" \
+    "advcap ablation with it added evaluates the trained runs again (changed eval settings never retrain)"
 
 cd "$ADVCAP_ROOT"
 advcap_activate

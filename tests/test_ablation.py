@@ -159,6 +159,19 @@ def test_micro_ablation_end_to_end(data, tmp_path, capsys):
     assert "train.lr: 5e-5 != 0.0001" in captured.out
     assert _mtimes(out, "config.yaml") == configs and _mtimes(out, "metrics.json") == metrics_times
 
+    # Changed eval settings do not touch the models: every run is evaluated again, none retrained.
+    new_eval = ["ablation", "--phases", *PHASES, "--seeds", "0", "1", "--out", str(out), *tiny(data, "[clean,fgsm@0.2]")]
+    main([*new_eval, "--dry-run"])
+    assert capsys.readouterr().out.count("evaluate (already trained): new eval settings (eval.conditions:") == 4
+    main(new_eval)
+    assert capsys.readouterr().out.count("evaluated") == 4
+    assert _mtimes(out, "trainer_state.json") == states
+    for run in run_dirs:
+        assert set(json.loads((run / "metrics.json").read_text())["test"]) == {"clean", "fgsm@0.2"}
+        assert "- fgsm@0.2" in (run / "config.yaml").read_text()  # the record of what the metrics answer to
+    main(new_eval)
+    assert capsys.readouterr().out.count("skipped") == 4
+
 
 @pytest.mark.slow
 def test_failed_run_is_reported_and_the_rest_goes_on(data, tmp_path, capsys):

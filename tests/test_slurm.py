@@ -136,6 +136,11 @@ def test_without_sbatch_the_script_checks_then_submits_the_right_array(slurm_clu
                          text=True, timeout=120)
     assert bad.returncode != 0 and f"no manifest.json in {tmp_path / 'missing'}" in bad.stderr
     assert "nothing submitted" in bad.stderr
+    env = ablation_env(slurm_cluster, data, runs)
+    env["OVERRIDES"] = env["OVERRIDES"].replace("[clean,fgsm,blind]", "[clean,transfer-fgsm]")
+    bad = subprocess.run(["bash", str(REPO / "slurm" / "ablation.sh")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "transfer-fgsm needs each seed's baseline trained first" in bad.stderr
 
     env = ablation_env(slurm_cluster, data, runs) | {"SEEDS": "0 1 2"}  # 2 × 3: array 0-5, not the file's 0-14
     # Held, so that only the submission is checked here, not its 6 trainings; arguments go to sbatch.

@@ -194,6 +194,11 @@ def test_rerunning_a_finished_run_does_nothing(data, tmp_path, monkeypatch):
     assert train(cfg) == FINISHED
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
+    # Other eval settings: the same trained run (nothing retrained); config.yaml takes the new settings.
+    assert train(config("baseline", data, tmp_path, "train.steps=2", "eval.pgd_steps=3")) == FINISHED
+    assert load_config(out / "config.yaml").eval.pgd_steps == 3
+    assert (out / "trainer_state.json").stat().st_mtime_ns == before[out / "trainer_state.json"]
+
 
 def test_a_run_directory_with_another_config_is_an_error(data, tmp_path):
     cfg = config("baseline", data, tmp_path, "train.steps=2")
