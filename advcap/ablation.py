@@ -380,16 +380,12 @@ def _run_one(planned: PlannedRun, failed_dirs: set[Path]) -> str:
     source = cfg.eval.transfer_from
     if TRANSFER in cfg.eval.conditions and source and Path(source) in failed_dirs:
         raise AdvcapError(f"trained, but not evaluated: {TRANSFER} needs the model of {source}, which failed")
-    from advcap.cli import launch_rank
-    from advcap.config import load_config, save_config
     from advcap.evaluate import evaluate
+    from advcap.train import record_eval_settings
 
-    # Evaluation settings may have changed since training (they do not touch the model): the run's
-    # config.yaml records those its metrics answer to. Every rank evaluates with `cfg.eval` as given, so
-    # none depends on when the main process rewrites the file.
-    saved = planned.run_dir / "config.yaml"
-    if launch_rank() == 0 and load_config(saved) != cfg:
-        save_config(cfg, saved)
+    # Evaluation settings may have changed since training (they do not touch the model). Every rank
+    # evaluates with `cfg.eval` as given, so none depends on when the main process rewrites config.yaml.
+    record_eval_settings(cfg, planned.run_dir)
     evaluate(planned.run_dir, settings=cfg.eval)
     return "done" if planned.state != RunState.EVALUATE else "evaluated"
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from advcap.bleu import corpus_bleu_scores
-from advcap.config import EVAL_SPLITS, Config, config_to_dict, load_config, parse_condition
+from advcap.config import EVAL_SPLITS, Config, EvalConfig, config_to_dict, load_config, parse_condition
 from advcap.errors import AdvcapError
 from advcap.stopping import StopRequest, Stopped
 
@@ -79,7 +79,9 @@ class Generation:
 # ---------------------------------------------------------------- loading runs and models
 
 
-def load_run_config(run: str | os.PathLike[str], overrides: Sequence[str] = (), settings: Any = None) -> Config:
+def load_run_config(
+    run: str | os.PathLike[str], overrides: Sequence[str] = (), settings: Optional[EvalConfig] = None
+) -> Config:
     """The resolved config of a finished run (config.yaml, trainer_state.json finished, hf/ export).
 
     `overrides` (dotted, as on the command line) may change `eval.*` settings only: the model is trained.
@@ -417,7 +419,7 @@ def evaluate(
     accelerator: Any = None,
     overrides: Sequence[str] = (),
     stop: Optional[StopRequest] = None,
-    settings: Any = None,
+    settings: Optional[EvalConfig] = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Evaluate a finished run: captions on clean and attacked images, BLEU-1…4 per split and condition.
 

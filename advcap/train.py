@@ -60,13 +60,22 @@ def prepare_run_dir(cfg: Config, out: Path, resume: str | None) -> str | None:
             raise AdvcapError(f"{out} holds a run with a different config ({'; '.join(diffs)}); use another run.out")
         state_file = out / STATE_FILE
         if state_file.is_file() and json.loads(state_file.read_text()).get("finished"):
-            if saved_cfg != cfg and int(os.environ.get("RANK", "0")) == 0:
-                save_config(cfg, saved)  # an unfinished run rewrites it when it starts
-                log.info("%s: trained already; its config.yaml now holds the new eval settings", out)
+            record_eval_settings(cfg, out)  # (an unfinished run rewrites config.yaml when it starts)
             return FINISHED
     if resume is None and any((out / "checkpoints").glob("step*")):
         raise AdvcapError(f"{out} has checkpoints of an unfinished run: continue it with --resume latest")
     return None
+
+
+def record_eval_settings(cfg: Config, out: Path) -> None:
+    """Write `cfg` to a trained run's config.yaml if its eval settings changed (nothing else may differ,
+    see prepare_run_dir): the file records what the run's metrics answer to. Main process only."""
+    from advcap.cli import launch_rank
+
+    saved = out / "config.yaml"
+    if launch_rank() == 0 and load_config(saved) != cfg:
+        save_config(cfg, saved)
+        log.info("%s: trained already; its config.yaml now holds the new eval settings", out)
 
 
 def _micro_batches(stream: TrainStream, workers: int, consumed: int):
