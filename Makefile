@@ -29,4 +29,4 @@ bench: install
 	$(PY) bench/loader.py
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) build *.egg-info

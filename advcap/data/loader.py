@@ -5,8 +5,15 @@ Batches are dicts:
     pixels     float32 (B,3,S,S) in [0,1], resized to exactly S×S (bilinear, as ViTImageProcessor)
     input_ids  int64 (B,L): caption tokens + EOS, padded with the pad id
     labels     int64 (B,L): input_ids with -100 on the padding after the first EOS
-    image_ids  list[str]; references: list[list[str]] (all captions of each image)
+    image_ids  list[str]; references: list[list[str]] (all usable captions of each image)
+    bad_shards, bad_samples (training batches only): running counts, for this rank and worker, of
+               shard reads cut short by a corrupt tar and of samples skipped as bad
 Only `.jpg` and `.json` members are ever read: nothing is unpickled.
+
+Bad data never stops a run: a sample without a `.jpg` or `.json` member, whose json is not an
+object or lacks a string image_id or any usable caption (`advcap.data.samples`), or whose image does
+not decode, is skipped with a warning naming shard and key, and counted. Unusable captions (blank,
+not strings, lone surrogates) are dropped from a sample that has usable ones.
 
 Training (`TrainStream`): each (rank, worker) draws shards with replacement from its own RNG seeded
 by (seed, epoch, rank, worker), so the data order is a deterministic function of those and a resumed
@@ -20,7 +27,6 @@ exactly once, in the same batch whatever the world size.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from advcap.data.images import BadImage, to_square_pixels
 from advcap.data.manifest import Manifest, ShardInfo
+from advcap.data.samples import BadSample, SampleMeta, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -72,27 +79,35 @@ def collate(pixels: list[np.ndarray], token_ids: list[list[int]], pad_id: int) -
     return {"pixels": images, "input_ids": input_ids, "labels": labels}
 
 
-def _decode_samples(samples: list[dict], image_size: int, where: str) -> tuple[list[np.ndarray], list[dict]]:
-    """Decode jpg + json of raw tar samples; a bad sample is skipped with a warning naming it."""
-    pixels, metas = [], []
-    for sample in samples:
-        try:
-            meta = json.loads(sample["json"])
-            image = to_square_pixels(sample["jpg"], image_size)
-        except (KeyError, json.JSONDecodeError, UnicodeDecodeError, BadImage) as err:
-            log.warning("%s: skipping sample %s from %s: %r", where, sample.get("__key__"), sample.get("__url__"), err)
-            continue
-        pixels.append(image)
-        metas.append(meta)
-    return pixels, metas
-
-
 class _ShardReader:
-    """Reads shards through webdataset, skipping (and counting) truncated or corrupt ones."""
+    """Reads shards through webdataset and decodes their samples, skipping (and counting) truncated
+    or corrupt shards and bad samples."""
 
     def __init__(self, where: str):
         self.where = where
         self.bad_shards = 0
+        self.bad_samples = 0
+
+    def decode(self, samples: list[dict], image_size: int) -> tuple[list[np.ndarray], list[SampleMeta]]:
+        """Decode jpg + json of raw tar samples; a bad sample is skipped with a warning naming it."""
+        pixels, metas = [], []
+        for sample in samples:
+            try:
+                missing = [ext for ext in ("jpg", "json") if ext not in sample]
+                if missing:
+                    raise BadSample(f"no .{' or .'.join(missing)} member")
+                meta = read_meta(sample["json"])
+                image = to_square_pixels(sample["jpg"], image_size)
+            except (BadSample, BadImage) as err:
+                self.bad_samples += 1
+                log.warning(
+                    "%s: skipping bad sample %s in %s (%d bad samples so far): %s",
+                    self.where, sample.get("__key__"), sample.get("__url__"), self.bad_samples, err,
+                )
+                continue
+            pixels.append(image)
+            metas.append(meta)
+        return pixels, metas
 
     def samples(self, shard: ShardInfo) -> Iterator[dict]:
         failed: list[BaseException] = []
@@ -169,16 +184,17 @@ class TrainStream(IterableDataset):
         reader = _ShardReader(f"rank {self.rank} worker {logical}")
         raw_batches = _chunks(_shuffled(self._resampled(rng, reader), self.shuffle_buffer, rng), self.batch_size)
         for number, raw in enumerate(islice(raw_batches, skip, self.batches_per_worker), start=skip):
-            pixels, metas = _decode_samples(raw, self.image_size, f"rank {self.rank}")
+            pixels, metas = reader.decode(raw, self.image_size)
             if not pixels:
                 continue
             # Captions are drawn from an RNG of their own per batch, so skipping batches on resume
             # (which decodes nothing) leaves the choices of later batches unchanged.
             pick = random.Random(f"advcap-caption/{self.seed}/{self.epoch}/{self.rank}/{logical}/{number}")
-            captions = [pick.choice(m["captions"]) for m in metas]
+            captions = [pick.choice(m.captions) for m in metas]
             batch = collate(pixels, [self.tokenize(c) for c in captions], self.pad_id)
-            batch["image_ids"] = [m["image_id"] for m in metas]
+            batch["image_ids"] = [m.image_id for m in metas]
             batch["bad_shards"] = reader.bad_shards
+            batch["bad_samples"] = reader.bad_samples
             yield batch
 
     def _resampled(self, rng: random.Random, reader: _ShardReader) -> Iterator[dict]:
@@ -265,17 +281,18 @@ class EvalStream(IterableDataset):
                 if batch in wanted:
                     pending.setdefault(batch, []).append(sample)
                     if len(pending[batch]) == self.batch_size or index == self.images:
-                        yield from self._make_batch(batch, pending.pop(batch))
+                        yield from self._make_batch(batch, pending.pop(batch), reader)
         for batch in sorted(pending):  # batches cut short by a corrupt shard
-            yield from self._make_batch(batch, pending.pop(batch))
+            yield from self._make_batch(batch, pending.pop(batch), reader)
 
-    def _make_batch(self, number: int, samples: list[dict]) -> Iterator[dict]:
-        pixels, metas = _decode_samples(samples, self.image_size, f"eval {self.split}")
+    def _make_batch(self, number: int, samples: list[dict], reader: _ShardReader) -> Iterator[dict]:
+        # Bad samples are skipped; evaluation counts the shortfall against the manifest.
+        pixels, metas = reader.decode(samples, self.image_size)
         if not pixels:
             return
-        references = [m["captions"] for m in metas]
+        references = [m.captions for m in metas]
         batch = collate(pixels, [self.tokenize(r[0]) for r in references], self.pad_id)
-        batch.update(batch_index=number, image_ids=[m["image_id"] for m in metas], references=references)
+        batch.update(batch_index=number, image_ids=[m.image_id for m in metas], references=references)
         yield batch
 
 

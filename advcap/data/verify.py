@@ -1,8 +1,8 @@
-"""`advcap verify`: re-read every shard, check it against the manifest, decode every image."""
+"""`advcap verify`: re-read every shard, check it against the manifest (size, sha256, sample count),
+check every sample's json as the loaders do (`advcap.data.samples`), and decode every image."""
 
 from __future__ import annotations
 
-import json
 import logging
 import tarfile
 from pathlib import Path
@@ -10,7 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from advcap.data.images import BadImage, open_rgb
-from advcap.data.manifest import load_manifest
+from advcap.data.manifest import ShardInfo, load_manifest
+from advcap.data.samples import BadSample, read_meta
 from advcap.data.shardwriter import sha256_file
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def verify(root: str | Path) -> bool:
         problems.append(f"{stray}: not listed in the manifest")
     with tqdm(total=sum(s.samples for s in manifest.shards), unit="img", desc="verify", disable=None) as bar:
         for shard in manifest.shards:
-            problems += _check_shard(shard.path, shard.samples, shard.sha256, shard.split, bar)
+            problems += _check_shard(shard, bar)
     for problem in problems:
         log.error("%s", problem)
     if problems:
@@ -37,12 +38,15 @@ def verify(root: str | Path) -> bool:
     return not problems
 
 
-def _check_shard(path: Path, expected_samples: int, expected_sha: str, split: str, bar: tqdm) -> list[str]:
-    name = path.name
+def _check_shard(shard: ShardInfo, bar: tqdm) -> list[str]:
+    path, name = shard.path, shard.name
     if not path.is_file():
         return [f"{name}: missing"]
     problems = []
-    if sha256_file(path) != expected_sha:
+    size = path.stat().st_size
+    if shard.bytes is not None and size != shard.bytes:
+        problems.append(f"{name}: {size} bytes, the manifest says {shard.bytes} (truncated or changed)")
+    if sha256_file(path) != shard.sha256:
         problems.append(f"{name}: sha256 differs from the manifest (the file changed or is corrupt)")
     samples: dict[str, dict[str, bytes]] = {}
     try:
@@ -54,10 +58,10 @@ def _check_shard(path: Path, expected_samples: int, expected_sha: str, split: st
     except (tarfile.TarError, OSError) as err:
         problems.append(f"{name}: unreadable tar after {len(samples)} samples ({err})")
     for key, sample in samples.items():
-        problems += [f"{name}/{key}: {p}" for p in _check_sample(sample, split)]
+        problems += [f"{name}/{key}: {p}" for p in _check_sample(sample, shard.split)]
         bar.update(1)
-    if len(samples) != expected_samples:
-        problems.append(f"{name}: {len(samples)} samples, manifest says {expected_samples}")
+    if len(samples) != shard.samples:
+        problems.append(f"{name}: {len(samples)} samples, manifest says {shard.samples}")
     return problems
 
 
@@ -66,14 +70,16 @@ def _check_sample(sample: dict[str, bytes], split: str) -> list[str]:
     if "jpg" not in sample or "json" not in sample:
         return [f"incomplete sample (has {', '.join(sorted(sample))})"]
     try:
-        meta = json.loads(sample["json"])
-        missing = [f for f in REQUIRED_FIELDS if f not in meta]
+        meta = read_meta(sample["json"])
+        missing = [f for f in REQUIRED_FIELDS if f not in meta.raw]
         if missing:
             problems.append(f"json lacks {', '.join(missing)}")
-        elif meta["split"] != split or not meta["captions"] or not isinstance(meta["image_id"], str):
-            problems.append("json has a wrong split, no captions, or a non-string image_id")
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        problems.append(f"json does not parse ({err})")
+        elif meta.raw["split"] != split:
+            problems.append(f"json says split {meta.raw['split']!r}, the manifest {split!r}")
+        elif len(meta.captions) != len(meta.raw["captions"]):
+            problems.append(f"{len(meta.raw['captions']) - len(meta.captions)} unusable caption(s) (blank, not strings, or not valid Unicode)")
+    except BadSample as err:
+        problems.append(str(err))
     try:
         open_rgb(sample["jpg"])
     except BadImage as err:

@@ -4,6 +4,7 @@ exact-once evaluation over ranks and workers, corrupt shards, and no unpickling.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import pickle
 import tarfile
@@ -164,3 +165,75 @@ def test_pickle_members_are_never_loaded(shards, tokenizer, tmp_path):
     assert not canary.exists()
     assert sum(len(b["image_ids"]) for b in got) == shards.samples("test")
     assert set(got[0]) == {"pixels", "input_ids", "labels", "batch_index", "image_ids", "references"}
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _meta(**fields) -> bytes:
+    return json.dumps({"image_id": "good", "captions": ["a red circle"], "split": "train", **fields}).encode()
+
+
+@pytest.fixture
+def bad_samples(shards, tmp_path):
+    """A one-shard train set in which 12 of 14 samples are bad in a different way each."""
+    with tarfile.open(shards.split("train")[0].path) as tar:
+        jpg = next(tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg"))
+    samples = [
+        ("ok_first", {"jpg": jpg, "json": _meta(image_id="first")}),
+        ("no_json", {"jpg": jpg}),
+        ("no_jpg", {"json": _meta()}),
+        ("json_list", {"jpg": jpg, "json": b'["a red circle"]'}),
+        ("no_captions", {"jpg": jpg, "json": json.dumps({"image_id": "x"}).encode()}),
+        ("empty_captions", {"jpg": jpg, "json": _meta(captions=[])}),
+        ("captions_str", {"jpg": jpg, "json": _meta(captions="a red circle")}),
+        ("blank_captions", {"jpg": jpg, "json": _meta(captions=["  ", 5, None])}),
+        ("surrogate_only", {"jpg": jpg, "json": _meta(captions=["\ud800 a lone half"])}),
+        ("int_image_id", {"jpg": jpg, "json": _meta(image_id=17)}),
+        ("json_not_utf8", {"jpg": jpg, "json": b'{"image_id": "\xff\xfe", "captions": ["x"]}'}),
+        ("jpg_corrupt", {"jpg": jpg[:40], "json": _meta()}),
+        ("ok_mixed", {"jpg": jpg, "json": _meta(image_id="mixed", captions=["\udc80 bad", " ", "a good one"])}),
+        ("json_too_deep", {"jpg": jpg, "json": b"[" * 100_000 + b"]" * 100_000}),
+    ]
+    root = tmp_path / "bad"
+    root.mkdir()
+    shard = root / "train-000000.tar"
+    _tar(shard, [(f"{key}.{ext}", data) for key, sample in samples for ext, data in sorted(sample.items())])
+    entry = {"name": shard.name, "split": "train", "samples": len(samples), "sha256": "-", "bytes": shard.stat().st_size}
+    (root / "manifest.json").write_text(json.dumps({"complete": True, "shards": [entry]}))
+    return load_manifest(root)
+
+
+BAD_KEYS = ["no_json", "no_jpg", "json_list", "no_captions", "empty_captions", "captions_str", "blank_captions",
+            "surrogate_only", "int_image_id", "json_not_utf8", "jpg_corrupt", "json_too_deep"]
+
+
+def test_bad_samples_are_skipped_and_counted_in_training(bad_samples, tokenizer, caplog):
+    # One batch of exactly the shard's 14 samples in file order (a shuffle buffer of 1 keeps the order).
+    stream = TrainStream(bad_samples, tokenizer, IMAGE_SIZE, 16, 14, 0, 0, 1, 0, shuffle_buffer=1)
+    with caplog.at_level(logging.WARNING):
+        [batch] = list(stream)
+    assert batch["image_ids"] == ["first", "mixed"]
+    assert batch["bad_samples"] == 12 and batch["bad_shards"] == 0
+    assert batch["pixels"].shape[0] == 2
+    mixed = batch["input_ids"][1].tolist()
+    assert tokenizer.decode(mixed[: mixed.index(tokenizer.eos_token_id)]).strip() == "a good one"
+    warned = [r.getMessage() for r in caplog.records if "skipping bad sample" in r.getMessage()]
+    assert len(warned) == 12
+    for key, message in zip(BAD_KEYS, warned):
+        assert f"skipping bad sample {key} in {bad_samples.shards[0].path}" in message
+
+
+def test_bad_samples_are_skipped_in_evaluation(bad_samples, tokenizer, caplog):
+    with caplog.at_level(logging.WARNING):
+        batches = list(EvalStream(bad_samples, "train", tokenizer, IMAGE_SIZE, 8, batch_size=4))
+    assert [i for b in batches for i in b["image_ids"]] == ["first", "mixed"]
+    assert [r for b in batches for r in b["references"]] == [["a red circle"], ["a good one"]]
+    assert caplog.text.count("skipping bad sample") == 12
+    assert "no .json member" in caplog.text and "no .jpg member" in caplog.text
+    assert "image_id is int 17" in caplog.text and "json is a list" in caplog.text

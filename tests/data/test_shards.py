@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,23 +16,7 @@ from advcap.data.shardwriter import convert
 from advcap.data.verify import verify
 from advcap.errors import AdvcapError
 from conftest import make_karpathy, write_image
-
-
-def read_shards(out: Path) -> dict[str, dict]:
-    """All samples of all shards in `out`: key → {'json': dict, 'jpg': bytes, 'shard': name}."""
-    samples = {}
-    for shard in sorted(out.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                value = tar.extractfile(member).read()
-                entry = samples.setdefault(key, {"shard": shard.name})
-                entry[ext] = json.loads(value) if ext == "json" else value
-    return samples
-
-
-def tree_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+from shardtools import make_flickr8k, read_shards, tree_bytes
 
 
 def test_karpathy_flickr_style_round_trip(karpathy_set, tmp_path):
@@ -90,22 +73,6 @@ def test_coco_raw_captions_keep_every_caption(tmp_path):
     assert all(m["split"] == "val" for m in by_id.values())
 
 
-def make_flickr8k(root: Path) -> tuple[Path, Path]:
-    images = root / "Flicker8k_Dataset"
-    names = [f"{1000 + i}_abc{i}.jpg" for i in range(6)]
-    for i, name in enumerate(names[:5]):  # the sixth image is listed but missing: a Flickr8k quirk
-        write_image(images / name, 60, 45, i)
-    text = root / "Flickr8k_text"
-    text.mkdir(parents=True)
-    lines = [f"{n}#{k}\tA caption {k} for {n} ." for n in names for k in range(5)]
-    lines.append("2258277193_586949ec62.jpg.1#0\tAn entry whose image is in no split list .")
-    (text / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
-    (text / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:3] + names[5:]) + "\n")
-    (text / "Flickr_8k.devImages.txt").write_text(names[3] + "\n")
-    (text / "Flickr_8k.testImages.txt").write_text(names[4] + "\n")
-    return text / "Flickr8k.token.txt", images
-
-
 def test_flickr8k_text_files_with_a_missing_image(tmp_path, caplog):
     annotations, images = make_flickr8k(tmp_path)
     with caplog.at_level(logging.WARNING):
@@ -113,7 +80,7 @@ def test_flickr8k_text_files_with_a_missing_image(tmp_path, caplog):
     samples = read_shards(tmp_path / "out")
     assert sorted(s["json"]["image_id"] for s in samples.values()) == [f"{1000 + i}_abc{i}" for i in range(5)]
     assert {s["json"]["split"] for s in samples.values()} == {"train", "val", "test"}
-    assert manifest["splits"]["train"] == {"samples": 3, "shards": 1, "skipped": 1}
+    assert manifest["splits"]["train"] == {"samples": 3, "shards": 1, "skipped": 1, "no_caption": 0, "rejected_captions": 0}
     assert "1005_abc5.jpg" in caplog.text  # the missing image is named
     with pytest.raises(AdvcapError, match="missing"):
         convert("flickr8k", annotations, images, tmp_path / "strict", strict=True)
