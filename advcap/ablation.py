@@ -13,10 +13,11 @@ A failed or refused run is logged and reported; the rest goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,7 @@ def plan_ablation(
     transfer-fgsm needs it. Raises AdvcapError for a bad phase list, a forbidden override, or phase
     configs that break the paired design.
     """
-    from advcap.config import run_dir
+    from advcap.rundir import run_path
 
     if not phases:
         raise AdvcapError("--phases needs at least one phase")
@@ -177,74 +178,29 @@ def plan_ablation(
             )
         if needs_baseline:
             configs = [baseline] + [c for c in configs if c is not baseline]
-        baseline_dir = run_dir(baseline) if baseline is not None else None
+        baseline_dir = run_path(baseline) if baseline is not None else None
         for cfg in configs:
             cfg = _with_transfer(cfg, baseline_dir)
             state, detail = classify(cfg)
-            plan.append(PlannedRun(cfg.run.phase, seed, cfg, run_dir(cfg), state, detail))
+            plan.append(PlannedRun(cfg.run.phase, seed, cfg, run_path(cfg), state, detail))
     return plan
 
 
 def classify(cfg: Any) -> tuple[str, str]:
-    """(RunState, detail) of the run dir of `cfg`; detail names the differing keys of a CONFLICT, or the
-    evaluation settings that changed since the run was trained (which do not touch the model: re-evaluated)."""
-    from advcap.config import diff_configs, load_config, run_dir
+    """(RunState, detail) of the run dir of `cfg`; detail names the differing keys of a CONFLICT, or why a
+    trained run is to be evaluated (not yet, new eval settings, a changed model: never a retraining)."""
+    from advcap.rundir import RunDir
 
-    out = run_dir(cfg)
-    saved = out / "config.yaml"
-    if not saved.is_file():
+    rundir = RunDir.of(cfg)
+    if not rundir.exists():
         return RunState.NEW, ""
-    saved_cfg = load_config(saved)
-    diffs = diff_configs(saved_cfg, cfg, ignore=("eval",))
+    diffs = rundir.conflicts_with(cfg, ignore=("eval",))
     if diffs:
-        return RunState.CONFLICT, f"{out} holds a run with a different config ({'; '.join(diffs)})"
-    eval_diffs = diff_configs(saved_cfg, cfg, ignore=())
-    detail = f"new eval settings ({'; '.join(eval_diffs)})" if eval_diffs else ""
-    if not _training_finished(out):
-        return (RunState.RESUME, detail) if _has_checkpoints(out) else (RunState.NEW, detail)
-    if not eval_diffs and _metrics_fresh(out, cfg):
-        return RunState.FINISHED, ""
-    return RunState.EVALUATE, detail
-
-
-def _training_finished(out: Path) -> bool:
-    from advcap.train import STATE_FILE
-
-    state = out / STATE_FILE
-    try:
-        return bool(state.is_file() and json.loads(state.read_text()).get("finished"))
-    except ValueError:
-        return False
-
-
-def _has_checkpoints(out: Path) -> bool:
-    return any((out / "checkpoints").glob("step*"))
-
-
-def _newest_mtime(folder: Path) -> float:
-    """Newest modification time of the files in `folder` (0 if none)."""
-    return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=0.0)
-
-
-def _metrics_fresh(out: Path, cfg: Any) -> bool:
-    """metrics.json exists, answers to the eval settings of `cfg` (evaluation.json records them) and is
-    newer than the evaluated model (and the transfer source's model)."""
-    from advcap.config import config_to_dict
-    from advcap.evaluate import INFO_FILE
-
-    metrics = out / "metrics.json"
-    if not metrics.is_file() or not (out / INFO_FILE).is_file():
-        return False
-    try:
-        evaluated_with = json.loads((out / INFO_FILE).read_text()).get("eval")
-    except ValueError:
-        return False
-    if evaluated_with != config_to_dict(cfg)["eval"]:
-        return False
-    models = [out / "hf"]
-    if TRANSFER in cfg.eval.conditions and cfg.eval.transfer_from:
-        models.append(Path(cfg.eval.transfer_from) / "hf")
-    return metrics.stat().st_mtime > max(_newest_mtime(m) for m in models)
+        return RunState.CONFLICT, f"{rundir} holds a run with a different config ({'; '.join(diffs)})"
+    if not rundir.training_finished():
+        return (RunState.RESUME, "") if rundir.has_checkpoints() else (RunState.NEW, "")
+    problem = rundir.evaluation_problem(cfg)
+    return (RunState.FINISHED, "") if problem is None else (RunState.EVALUATE, problem)
 
 
 def format_plan(plan: Sequence[PlannedRun]) -> str:
@@ -282,9 +238,22 @@ def run_plan(plan: Sequence[PlannedRun], parallel: int = 1) -> list[RunResult]:
 
     parallel > 1 runs that many at a time, each in its own process with its share of the CPU threads:
     on a CPU host, small models use cores better as separate runs than as threads of one run.
+
+    Under a distributed launcher every rank runs the plan together. A failure the ranks agreed on
+    (advcap.distributed.RankFailure: every rank reached the same point and knows) fails that run on all
+    ranks, and all go on with the next. Any other failure on one rank cannot be known by the others,
+    which may be waiting in a collective it will never reach: that rank ends the job (the launcher stops
+    the others) rather than let the ranks fall out of step; running the same command again goes on
+    where it stopped.
     """
     if parallel > 1:
         return _run_parallel(plan, parallel)
+    if plan:
+        from advcap.distributed import make_accelerator
+
+        # The process group first (under a launcher): the ranks agree on every run from the start. The phases
+        # of a paired ablation share the precision and the timeout.
+        make_accelerator(plan[0].config.train.precision, plan[0].config.dist.timeout_s)
     results: list[RunResult] = []
     failed_dirs: set[Path] = set()
     for i, planned in enumerate(plan, 1):
@@ -301,15 +270,22 @@ def run_plan(plan: Sequence[PlannedRun], parallel: int = 1) -> list[RunResult]:
 
 
 def _run_and_time(planned: PlannedRun, failed_dirs: set[Path]) -> RunResult:
+    from advcap.distributed import RankFailure, launch_rank, launch_world_size
+
     started = time.perf_counter()
     try:
-        status = _run_one(planned, failed_dirs)
-        error = "" if status != "stopped" else "training stopped on request (a checkpoint was saved)"
+        status, error = _run_one(planned, failed_dirs)
     except Stopped as err:
         status, error = "stopped", f"{err} (the trained model is kept and evaluated next time)"
-    except Exception as err:  # noqa: BLE001 — any failure of one run is reported, the rest goes on
-        status = "refused" if planned.state == RunState.CONFLICT else "failed"
-        error = str(err) or type(err).__name__
+    except RankFailure as err:
+        status, error = "failed", str(err)
+    except Exception as err:  # noqa: BLE001 — alone, any failure of one run is reported and the rest goes on
+        if launch_world_size() > 1:
+            log.error("rank %d: %s seed %d failed where the other ranks cannot know it (%s): ending the job so that "
+                      "the ranks do not fall out of step; run the same command again to go on",
+                      launch_rank(), planned.phase, planned.seed, err)
+            raise
+        status, error = "failed", str(err) or type(err).__name__
         if not isinstance(err, AdvcapError):
             log.exception("%s seed %d failed", planned.phase, planned.seed)
     return RunResult(planned.phase, planned.seed, planned.run_dir, status, time.perf_counter() - started, error)
@@ -331,12 +307,58 @@ def _worker_init(threads: int, level: int) -> None:
                         datefmt="%H:%M:%S")
 
 
+def _worker_main(conn: Any, threads: int, level: int) -> None:
+    """A worker process of `_run_parallel`: runs the planned runs it is sent, one at a time."""
+    _worker_init(threads, level)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        conn.send(_run_and_time(*task))
+
+
+class _Worker:
+    """One spawned worker process and the run it is busy with."""
+
+    def __init__(self, context: Any, threads: int, level: int):
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(child, threads, level))
+        self.process.start()
+        child.close()
+        self.task: Optional[PlannedRun] = None
+        self.started = 0.0
+
+    def start(self, planned: PlannedRun, failed: set[Path]) -> None:
+        self.task, self.started = planned, time.perf_counter()
+        self.conn.send((planned, failed))
+
+    def died(self) -> RunResult:
+        """The result of the run this worker was busy with when its process ended."""
+        code = self.process.exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
+        planned = self.task
+        return RunResult(planned.phase, planned.seed, planned.run_dir, "failed", time.perf_counter() - self.started,
+                         f"its worker process died ({how}); run the ablation again to resume it")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
 def _run_parallel(plan: Sequence[PlannedRun], parallel: int) -> list[RunResult]:
     """`parallel` runs at a time in spawned worker processes (a forked child of a process that has used
     OpenMP threads can hang), results in plan order. Runs whose model another run's transfer-fgsm needs
-    (the baselines) go first, as a wave of their own."""
+    (the baselines) go first, as a wave of their own. A worker that dies (killed, out of memory) fails
+    only the run it was busy with; a new worker takes its place and the others go on."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing.connection import wait
 
     sources = {Path(p.config.eval.transfer_from) for p in plan
                if TRANSFER in p.config.eval.conditions and p.config.eval.transfer_from}
@@ -346,48 +368,74 @@ def _run_parallel(plan: Sequence[PlannedRun], parallel: int) -> list[RunResult]:
     context = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
     done: dict[Path, RunResult] = {}
+    workers: list[_Worker] = []
     stopped = False
-    with ProcessPoolExecutor(parallel, mp_context=context, initializer=_worker_init, initargs=(threads, level)) as pool:
+    try:
         for wave in waves:
-            if stopped:
-                break
-            failed = {d for d, r in done.items() if not r.ok}
-            futures = [pool.submit(_run_and_time, planned, failed) for planned in wave]
-            for planned, future in zip(wave, futures):
-                if future.cancelled():
-                    continue
-                result = done[planned.run_dir] = future.result()
-                _log_result(len(done), len(plan), result)
-                if result.status == "stopped" and not stopped:
-                    log.warning("stopping the ablation after the runs in progress; run it again to resume")
-                    stopped = True
-                    for pending in futures:
-                        pending.cancel()
+            queue = list(wave)
+            while (queue and not stopped) or any(w.task for w in workers):
+                while queue and not stopped and len([w for w in workers if w.task]) < parallel:
+                    idle = next((w for w in workers if w.task is None), None)
+                    if idle is None:
+                        idle = _Worker(context, threads, level)
+                        workers.append(idle)
+                    idle.start(queue.pop(0), {d for d, r in done.items() if not r.ok})
+                busy = [w for w in workers if w.task is not None]
+                wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+                for worker in busy:
+                    if worker.conn.poll():
+                        result = worker.conn.recv()
+                    elif not worker.process.is_alive():
+                        result = worker.died()
+                        workers.remove(worker)
+                    else:
+                        continue
+                    worker.task = None
+                    done[result.run_dir] = result
+                    _log_result(len(done), len(plan), result)
+                    if result.status == "stopped" and not stopped:
+                        log.warning("stopping the ablation after the runs in progress; run it again to resume")
+                        stopped = True
+    finally:
+        for worker in workers:
+            worker.close()
     return [done[p.run_dir] for p in plan if p.run_dir in done]
 
 
-def _run_one(planned: PlannedRun, failed_dirs: set[Path]) -> str:
+def _run_one(planned: PlannedRun, failed_dirs: set[Path]) -> tuple[str, str]:
+    """Train (if needed) and evaluate one planned run, holding its run directory throughout.
+    Returns (status, error)."""
+    from advcap.evaluate import evaluate
+    from advcap.rundir import RunDir
     from advcap.train import FINISHED, train
 
     cfg = planned.config
     if planned.state == RunState.CONFLICT:
-        raise AdvcapError(planned.detail + "; it is never reused: choose another --out or remove that run")
-    if planned.state == RunState.FINISHED:
-        return "skipped"
-    if planned.state in (RunState.NEW, RunState.RESUME):
-        if train(cfg, resume="latest" if planned.state == RunState.RESUME else None) != FINISHED:
-            return "stopped"
+        return "refused", planned.detail + "; it is never reused: choose another --out or remove that run"
     source = cfg.eval.transfer_from
     if TRANSFER in cfg.eval.conditions and source and Path(source) in failed_dirs:
-        raise AdvcapError(f"trained, but not evaluated: {TRANSFER} needs the model of {source}, which failed")
-    from advcap.evaluate import evaluate
-    from advcap.train import record_eval_settings
+        return "refused", f"not evaluated: {TRANSFER} needs the model of {source}, which failed"
+    rundir = RunDir(planned.run_dir)
+    with rundir.held():
+        if planned.state == RunState.FINISHED:
+            _record_eval_settings(rundir, cfg)  # a kill may have come between the metrics and config.yaml
+            return "skipped", ""
+        if planned.state in (RunState.NEW, RunState.RESUME):
+            if train(cfg, resume="auto") != FINISHED:
+                return "stopped", "training stopped on request (a checkpoint was saved)"
+        # Evaluation settings may have changed since training (they do not touch the model). Every rank
+        # evaluates with `cfg.eval` as given; config.yaml records them only once the metrics that answer
+        # to them are written.
+        evaluate(planned.run_dir, settings=cfg.eval)
+        _record_eval_settings(rundir, cfg)
+    return ("done" if planned.state != RunState.EVALUATE else "evaluated"), ""
 
-    # Evaluation settings may have changed since training (they do not touch the model). Every rank
-    # evaluates with `cfg.eval` as given, so none depends on when the main process rewrites config.yaml.
-    record_eval_settings(cfg, planned.run_dir)
-    evaluate(planned.run_dir, settings=cfg.eval)
-    return "done" if planned.state != RunState.EVALUATE else "evaluated"
+
+def _record_eval_settings(rundir: Any, cfg: Any) -> None:
+    from advcap.distributed import agree
+
+    agree(f"recording the eval settings in {rundir.config_file}", lambda: rundir.record_eval_settings(cfg),
+          main_only=True)
 
 
 def format_results(results: Sequence[RunResult]) -> str:
@@ -434,16 +482,16 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
     overrides = [*(p for p in args.phases if "=" in p), *args.overrides]
     if args.parallel < 1:
         raise AdvcapError(f"--parallel {args.parallel}: expected a number of runs at a time ≥ 1")
-    from advcap.cli import launch_rank
+    from advcap.distributed import launch_rank, launch_world_size
 
-    if args.parallel > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.parallel > 1 and launch_world_size() > 1:
         raise AdvcapError("--parallel is for one process on a CPU host; under a distributed launcher the ranks share each run")
     plan = plan_ablation(phases, args.seeds, args.out, overrides, args.config_dir)
     if args.dry_run:
-        from advcap.data.manifest import load_manifest
+        from advcap.data.manifest import load_manifest, require_complete_shards
 
         for shards in sorted({str(p.config.data.shards) for p in plan}):
-            load_manifest(shards)  # a missing or unfinished conversion is an error now, not in every run
+            require_complete_shards(load_manifest(shards))  # a missing or unfinished conversion is an error now, not in every run
         print(format_plan(plan))
         return
     log.info("%s", format_plan(plan))

@@ -1,26 +1,46 @@
-"""Checkpoints: atomic, the last k kept, resumable to the bit.
+"""Training checkpoints: what one holds, and how it is written and read without running pickled code.
 
-A checkpoint directory `checkpoints/step00000100/` holds Accelerate's state (model, optimizer,
-registered scheduler, every rank's RNG states) plus `trainer_state.json` (step, data position,
-non-finite step counters). It is written under `.tmp-step…` and renamed by the main process once
-every rank has finished writing, so a directory named `step…` is always complete.
+`checkpoints/stepNNNNNNNN/` (its commit, validation and pruning belong to `advcap.rundir`):
+
+    trainer_state.json   step, data position, non-finite counters, the LR scheduler's state, world size
+    model.safetensors    the full weights, under every engine (what `eval --select best-val` reads)
+    optimizer.pt         DDP / one process: the optimizer's state dict (tensors, numbers, lists)
+    zero/                DeepSpeed ZeRO-1/2: the engine's own checkpoint (every rank's optimizer partition)
+    rng/rank<r>.json     each rank's RNG states (Python, NumPy, torch CPU, CUDA)
+    checkpoint.json      the manifest: every file with its size and sha256, written last
+
+Nothing is loaded with `weights_only=False`: safetensors, JSON, `torch.load(weights_only=True)`, and
+DeepSpeed's files through a checkpoint engine that does the same with an allow-list of DeepSpeed's
+plain record classes. Before anything is loaded, every pickle-based file of the checkpoint is scanned
+(without unpickling) for globals outside that allow-list; a checkpoint holding one — a pickle with a
+payload — is refused with an error naming the file and the global, and nothing of it runs.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
-import re
-import shutil
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, Optional
 
+import numpy as np
+import torch
+
+from advcap import faults
+from advcap.distributed import agree
 from advcap.errors import AdvcapError
+from advcap.rundir import TRAINING_STATE, RunDir, checkpoint_step
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"step(\d{8})$")
-STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+ZERO_TAG = "zero"
+RNG_DIR = "rng"
+PICKLE_SUFFIXES = (".pt", ".bin", ".pkl", ".pth")
 
 
 @dataclass
@@ -29,58 +49,278 @@ class TrainerState:
 
     step: int = 0  # optimizer steps done (skipped non-finite steps count: they consumed data)
     micro_batches: int = 0  # micro-batches consumed per rank: the data position
-    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss, in all
+    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient norm, in all
     nonfinite_in_a_row: int = 0
     finished: bool = False
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainerState":
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+class UnsafeCheckpoint(AdvcapError):
+    """A checkpoint file that could only be loaded by running code from it."""
+
+
+# ---------------------------------------------------------------- safe loading of torch.save files
+
+
+def deepspeed_safe_globals() -> list:
+    """DeepSpeed's plain record classes that its ZeRO-1/2 optimizer states pickle (loss scaler settings,
+    the ZeRO stage enum, fragment addresses): data only, rebuilt without calling anything else."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _allowed_global_names() -> set[str]:
+    return {f"{cls.__module__}.{cls.__qualname__}" for cls in deepspeed_safe_globals()}
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    """Globals a torch.save file would import that weights_only loading does not allow (found by reading
+    the pickle's opcodes, never by running it)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as err:  # noqa: BLE001 — an unreadable file is refused, whatever the reason
+        return [f"<unreadable: {err}>"]
+    allowed = _allowed_global_names()
+    return [name for name in found if name not in allowed]
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True (plus DeepSpeed's record classes); UnsafeCheckpoint otherwise."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        names = unsafe_globals(Path(path)) or [str(err).splitlines()[0]]
+        raise UnsafeCheckpoint(
+            f"{path} holds pickled objects that only code could rebuild ({', '.join(names)}): refused, "
+            "and nothing of it was run"
+        ) from None
+
+
+def check_no_code(checkpoint: Path) -> None:
+    """Raise UnsafeCheckpoint if any pickle-based file of `checkpoint` needs a disallowed global to load."""
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES):
+        names = unsafe_globals(path)
+        if names:
+            raise UnsafeCheckpoint(
+                f"{path} holds pickled code or objects advcap never writes ({', '.join(names[:3])}): the checkpoint "
+                "was changed after it was written. Refused; nothing of it was run. Remove that checkpoint folder to "
+                "resume from an older one."
+            )
+
+
+def weights_only_checkpoint_engine(engine: Any) -> None:
+    """Make a DeepSpeed engine read its checkpoints with `safe_torch_load` (it would use weights_only=False)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:
+        raise AdvcapError(
+            f"DeepSpeed's checkpoint engine is {type(current).__name__}; advcap resumes only through DeepSpeed's "
+            "torch checkpoint engine, which it can make refuse pickled code (remove the checkpoint engine setting)"
+        )
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return safe_torch_load(path, map_location=map_location)
+
+    safe = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine)
+    safe.__dict__.update(current.__dict__)  # the same settings (serialization format, name)
+    engine.checkpoint_engine = safe
+
+
+# ---------------------------------------------------------------- RNG states as JSON
+
+
+def rng_state() -> dict:
+    """This process's RNG states as plain JSON data."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    encode = lambda t: base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")  # noqa: E731
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": encode(torch.get_rng_state()),
+        "cuda": [encode(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    decode = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(decode(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------- the checkpointer
+
 
 class Checkpointer:
-    """Decides when to save (`due`) and saves/loads/prunes checkpoints under `run_dir/checkpoints`."""
+    """Decides when to save, and saves/resumes the training state of one run.
 
-    def __init__(self, run_dir: Path, every_steps: int, keep: int):
-        self.root = Path(run_dir) / "checkpoints"
-        self.every_steps, self.keep = every_steps, keep
+    Every rank calls `save` and `resume` (they contain collectives); the folder's lifecycle is the run
+    directory's (`RunDir.begin_checkpoint` / `commit_checkpoint`). Failures are agreed on by all ranks
+    (`advcap.distributed.agree`), so no rank goes on while another has stopped.
+    """
+
+    def __init__(self, rundir: RunDir, every_steps: int, keep: int, accelerator: Any, model: Any, unwrapped: Any,
+                 optimizer: Any, scheduler: Any):
+        from accelerate.utils import DistributedType
+
+        self.rundir, self.every_steps, self.keep = rundir, every_steps, keep
+        self.accelerator, self.model, self.unwrapped = accelerator, model, unwrapped
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.resumed_from: Optional[Path] = None
+        if self.deepspeed:
+            weights_only_checkpoint_engine(model)
 
     def due(self, step: int) -> bool:
         return self.every_steps > 0 and step % self.every_steps == 0
 
-    def latest(self) -> Path | None:
-        complete = sorted(p for p in self.root.glob("step*") if _NAME.search(p.name))
-        return complete[-1] if complete else None
-
-    def save(self, accelerator, state: TrainerState) -> Path:
-        final = self.root / f"step{state.step:08d}"
-        tmp = self.root / f".tmp-step{state.step:08d}"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        # Every rank writes files of its own (its RNG state; under ZeRO its optimizer partition): all must be
-        # done before the directory is renamed, or a slower rank writes into a path that no longer exists.
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            self._prune()
+    def save(self, state: TrainerState) -> Path:
+        """Write and commit the checkpoint of `state.step` (all ranks). Returns the committed folder."""
+        acc = self.accelerator
+        tmp = agree("creating the checkpoint folder", lambda: self.rundir.begin_checkpoint(state.step), main_only=True)
+        if self.deepspeed:
+            # Collective inside DeepSpeed (barriers): a rank that fails here ends the job.
+            self.model.save_checkpoint(str(tmp), tag=ZERO_TAG, client_state={}, save_latest=False)
+        agree("writing the checkpoint", lambda: self._write_files(tmp, state))
+        protected = [self.resumed_from] if self.resumed_from is not None else []
+        final = agree("committing the checkpoint",
+                      lambda: self.rundir.commit_checkpoint(tmp, state.step, self.keep, protected), main_only=True)
+        if acc.is_main_process:
             log.info("checkpoint saved: %s", final)
-        accelerator.wait_for_everyone()
         return final
 
-    def load(self, accelerator, which: str) -> TrainerState:
-        """Restore `which` ('latest' or a checkpoint dir) into the prepared objects; return its state."""
-        path = self.latest() if which == "latest" else Path(which)
-        if path is None:
-            raise AdvcapError(f"--resume latest: no checkpoint in {self.root}")
-        if not (path / STATE_FILE).is_file():
-            raise AdvcapError(f"{path} is not a complete advcap checkpoint (no {STATE_FILE})")
-        accelerator.load_state(str(path))
-        state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
-        log.info("resumed from %s (step %d)", path, state.step)
+    def _write_files(self, tmp: Path, state: TrainerState) -> None:
+        from advcap import atomic
+
+        acc = self.accelerator
+        rng_file = tmp / RNG_DIR / f"rank{acc.process_index}.json"
+        rng_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(rng_file, json.dumps(rng_state()))
+        if not acc.is_main_process:
+            return
+        save_weights(self.unwrapped, tmp / MODEL_FILE)
+        faults.point("checkpoint.mid_write", step=state.step)
+        if not self.deepspeed:
+            torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        record = {**asdict(state), "scheduler": self.scheduler.state_dict(), "world_size": acc.num_processes}
+        atomic.write_text(tmp / TRAINING_STATE, json.dumps(record, indent=1) + "\n")
+
+    def resume(self, which: str) -> TrainerState:
+        """Restore `which` ('latest': the newest valid checkpoint; or a checkpoint folder) into the model,
+        optimizer, scheduler and RNG of every rank; return its state."""
+        chosen = agree("choosing the checkpoint to resume from", lambda: self._choose(which), main_only=True)
+        path = Path(chosen)
+        if self.deepspeed:
+            self.model.load_checkpoint(str(path), tag=ZERO_TAG, load_module_strict=True, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+        state = agree("loading the checkpoint", lambda: self._load_files(path))
+        self.resumed_from = path
+        if self.accelerator.is_main_process:
+            log.info("resumed from %s (step %d)", path, state.step)
         return state
 
-    def _prune(self) -> None:
-        complete = sorted(p for p in self.root.glob("step*") if _NAME.search(p.name))
-        for old in complete[: max(0, len(complete) - self.keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _choose(self, which: str) -> Path:
+        """The checkpoint to resume from (main process): validated, scanned for code; names what it passed over."""
+        from advcap.rundir import validate_checkpoint
+
+        if which == "latest":
+            path, passed = self.rundir.latest_valid_checkpoint()
+            for skipped in passed:
+                log.warning("not resuming from %s", skipped)
+            if path is None:
+                if passed:
+                    raise AdvcapError(
+                        f"{self.rundir.checkpoints_dir} holds no valid checkpoint to resume from: "
+                        + "; ".join(map(str, passed)) + ". Remove the damaged ones to start afresh."
+                    )
+                raise AdvcapError(f"--resume latest: no checkpoint in {self.rundir.checkpoints_dir}")
+            if passed:
+                log.warning("resuming from %s, the newest valid checkpoint", path.name)
+        else:
+            path = Path(which)
+            problem = validate_checkpoint(path) if path.is_dir() else "not a folder"
+            if problem is not None:
+                raise AdvcapError(f"--resume {which}: not a valid advcap checkpoint ({problem})")
+        check_no_code(path)
+        return path
+
+    def _load_files(self, path: Path) -> TrainerState:
+        acc = self.accelerator
+        record = json.loads((path / TRAINING_STATE).read_text())
+        if record.get("world_size", acc.num_processes) != acc.num_processes:
+            raise AdvcapError(
+                f"{path} was written by {record['world_size']} ranks and this run has {acc.num_processes}: an exact "
+                "resume needs the same world size (the data position and RNG states are per rank)"
+            )
+        rng_file = path / RNG_DIR / f"rank{acc.process_index}.json"
+        if not self.deepspeed:
+            load_checkpoint_weights(self.unwrapped, path)
+            # (to the CPU first: load_state_dict moves the state to each parameter's device)
+            self.optimizer.load_state_dict(safe_torch_load(path / OPTIMIZER_FILE, map_location="cpu"))
+        self.scheduler.load_state_dict(record["scheduler"])
+        set_rng_state(json.loads(rng_file.read_text()))
+        return TrainerState.from_dict(record)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The model's state dict as safetensors, each tensor once. Tied weights (the same view twice: GPT-2's
+    lm_head and token embedding) are saved under their first name; a parameter that is a view into a larger
+    buffer (DeepSpeed's flat partitions) is copied out."""
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    save_file(tensors, str(path))
+
+
+
+def load_checkpoint_weights(captioner: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Load a training checkpoint's weights (`model.safetensors`, every engine) into `captioner`.
+
+    Tied weights (GPT-2's lm_head is its token embedding) are saved once; every other key must match.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / MODEL_FILE
+    if not path.is_file():
+        raise AdvcapError(f"{checkpoint} holds no weights ({MODEL_FILE} is missing): not an advcap checkpoint")
+    device = next(captioner.parameters()).device
+    state = load_file(str(path), device=str(device))
+    missing, unexpected = captioner.load_state_dict(state, strict=False)
+    params = dict(captioner.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    untied = [k for k in missing if k not in params or id(params[k]) not in loaded]
+    if unexpected or untied:
+        raise AdvcapError(
+            f"{path} does not fit the run's exported model: missing {untied[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+
+
+__all__ = ["Checkpointer", "TrainerState", "UnsafeCheckpoint", "check_no_code", "checkpoint_step",
+           "load_checkpoint_weights", "safe_torch_load"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
 from advcap.errors import AdvcapError
@@ -34,6 +33,8 @@ def _cmd_shards(args: argparse.Namespace) -> None:
         shard_size=args.shard_size,
         workers=args.workers,
         strict=args.strict,
+        # None: the library's default (advcap.data.images.DEFAULT_MAX_PIXELS), defined there only
+        **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}),
     )
 
 
@@ -57,11 +58,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     if args.check:
-        from advcap.config import run_dir
-        from advcap.data.manifest import load_manifest
+        from advcap.data.manifest import load_manifest, require_complete_shards
+        from advcap.rundir import run_path
 
-        load_manifest(cfg.data.shards)
-        print(f"ok: config {args.config} resolves; shards {cfg.data.shards} are complete; run dir {run_dir(cfg)}")
+        require_complete_shards(load_manifest(cfg.data.shards))
+        print(f"ok: config {args.config} resolves; shards {cfg.data.shards} are complete; run dir {run_path(cfg)}")
         return
     if train(cfg, resume=args.resume, stop_at_step=args.stop_at_step) == STOPPED:
         raise SystemExit(EXIT_STOPPED)
@@ -89,6 +90,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=1, help="image-processing processes")
     p.add_argument("--strict", action="store_true", help="a missing or undecodable image is an error, not a skip")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="skip images whose header claims more than N pixels (width×height) without decoding them "
+                   "(decompression bombs; default 50 million); 0: only Pillow's own limit")
     p.set_defaults(func=_cmd_shards)
 
     p = sub.add_parser("verify", help="re-read every shard, check counts and hashes against manifest.json, decode every image")
@@ -122,12 +126,9 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def launch_rank() -> int:
-    """This process's global rank under a distributed launcher (0 when run alone)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def main(argv: list[str] | None = None) -> None:
+    from advcap.distributed import NAMED_OS_ERRORS, describe_error, launch_rank
+
     parser = _build_parser()
     args = parser.parse_args(argv)
     rank = launch_rank()
@@ -146,6 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     except Stopped as err:
         print(f"advcap {args.command}: {err}; run the same command again to go on", file=sys.stderr)
         raise SystemExit(EXIT_STOPPED) from None
+    except OSError as err:
+        if err.errno not in NAMED_OS_ERRORS or args.verbose:
+            raise
+        # A full disk, a read-only or vanished file system: what and where, not a traceback.
+        print(f"advcap {args.command}: error: {describe_error(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

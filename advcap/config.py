@@ -176,9 +176,23 @@ class EvalConfig:
     """Caption whose loss PGD ascends: reference | clean_caption."""
     transfer_from: Optional[str] = None
     """Run dir whose checkpoint crafts the transfer-fgsm images."""
+    allow_partial: bool = False
+    """Score a split even if some of its images cannot be read (the record and the report say so)."""
 
     def __post_init__(self) -> None:
         _raise_problems(_eval_problems(self))
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    """How the ranks of a distributed run wait for each other."""
+
+    timeout_s: int = 600
+    """Seconds a collective may wait for the other ranks (gloo and NCCL): a rank that died or hangs ends the
+    job after this long. Longer than any rank-local work between two collectives (a checkpoint write)."""
+
+    def __post_init__(self) -> None:
+        _raise_problems(_dist_problems(self))
 
 
 @dataclass(frozen=True)
@@ -206,6 +220,7 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -391,6 +406,7 @@ def _problems(cfg: Any) -> list[Problem]:
         (_attack_problems, cfg.attack),
         (_train_problems, cfg.train),
         (_eval_problems, cfg.eval),
+        (_dist_problems, cfg.dist),
         (_run_problems, cfg.run),
     )
     return [p for check, section in checks for p in check(section)]
@@ -512,6 +528,10 @@ def _eval_problems(e: Any) -> Iterator[Problem]:
     yield from _positive("eval.pgd_step_size", e.pgd_step_size)
     yield from _one_of("eval.pgd_target", e.pgd_target, PGD_TARGETS)
     yield from _non_empty("eval.transfer_from", e.transfer_from, optional=True)
+
+
+def _dist_problems(d: Any) -> Iterator[Problem]:
+    yield from _at_least("dist.timeout_s", d.timeout_s, 1)
 
 
 def _run_problems(r: Any) -> Iterator[Problem]:
@@ -648,8 +668,3 @@ def _split_batch(cfg: Config, world_size: int) -> tuple[int, int]:
             "or another train.max_batch_size_per_rank"
         )
     return per_rank // accum, accum
-
-
-def run_dir(cfg: Config) -> Path:
-    """The run directory `<run.out>/<run.dataset>/<run.phase>/seed<train.seed>` (not created)."""
-    return Path(cfg.run.out) / cfg.run.dataset / cfg.run.phase / f"seed{cfg.train.seed}"

@@ -108,7 +108,7 @@ def run_demo(out: str | Path, phases: Sequence[str] = PAPER_PHASES, seeds: Seque
     # (adv_train, 100 steps: two parallel 1-thread runs 33 s each vs one 2-thread run 23 s).
     parallel = max(1, min(os.cpu_count() or 1, len(phases) * len(seeds)))
     results = ablation(phases, seeds, runs, [*demo_overrides(data, pretrained, settings), *extra_overrides], parallel=parallel)
-    report = write_report(runs, out / "report")
+    report = write_report(runs, out / "report", phases, seeds)
     log.info("demo finished in %.0f s; report in %s", time.perf_counter() - started, out / "report")
     failed = [r for r in results if not r.ok]
     if failed:

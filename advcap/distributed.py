@@ -18,19 +18,119 @@ Accelerate's own `backward` is not used under DeepSpeed on purpose: it steps the
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import math
 import os
-from typing import Any, Callable
-
-import torch
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from advcap.errors import AdvcapError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# ---------------------------------------------------------------- the launch environment
+# Every read of the launcher's variables (RANK, WORLD_SIZE, ACCELERATE_*, SLURM_*, torchrun's) is here.
+
+SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES",
+                   "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION")
+
+
+def launch_rank() -> int:
+    """This process's global rank under a distributed launcher (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launch_world_size() -> int:
+    """Processes the launcher started (1 when run alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launcher() -> str:
+    """Which launcher started this process: slurm, slurm+accelerate, accelerate, torchrun or python."""
+    if "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ:
+        return "slurm+accelerate" if "ACCELERATE_MIXED_PRECISION" in os.environ else "slurm"
+    if any(k.startswith("ACCELERATE_") for k in os.environ):
+        return "accelerate"
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    return "python"
+
+
+def slurm_job_id() -> Optional[str]:
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def slurm_info() -> Optional[dict[str, str]]:
+    """The SLURM job's identity (job, array task, nodes, restart count), or None outside SLURM."""
+    return {k[len("SLURM_"):].lower(): os.environ[k] for k in SLURM_VARIABLES if k in os.environ} or None
 
 # The DeepSpeed settings that advcap's YAML decides; a DeepSpeed JSON should say "auto" for them.
 ZERO_STAGES_SUPPORTED = (0, 1, 2)
+
+
+# ---------------------------------------------------------------- ranks agree
+
+
+class RankFailure(AdvcapError):
+    """A failure all ranks agreed on: raised on every rank, naming the rank(s) where it happened."""
+
+
+# File-system conditions a user can act on: said in one line, never as a traceback.
+NAMED_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT,
+                   errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.ESTALE}
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for an error: OSError as 'what (file)', others as their message or type."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f" ({err.filename})" if err.filename else ""
+        return f"{err.strerror}{where}"
+    return str(err) or type(err).__name__
+
+
+def agree(what: str, fn: Callable[[], T], main_only: bool = False) -> T:
+    """Run `fn` on every rank (or on the main process only) and make all ranks agree on the outcome.
+
+    This is the defined point where a failure that only some ranks saw becomes every rank's failure: all
+    ranks reach it whatever happened inside `fn`, exchange one small message each, and if any failed, all
+    raise RankFailure naming the rank(s) and the error, so none goes on to collectives the others never
+    reach. With `main_only`, the main process's return value is returned on every rank. Alone (one
+    process), an OSError becomes a RankFailure with a one-line message and any other error propagates.
+    """
+    import torch.distributed as dist
+
+    joined = dist.is_available() and dist.is_initialized()
+    if not joined and launch_world_size() > 1:
+        raise RuntimeError(f"{what}: the ranks cannot agree before the process group exists (make_accelerator first)")
+    world, main = (dist.get_world_size(), dist.get_rank() == 0) if joined else (1, True)
+    result, error = None, None
+    if not main_only or main:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 — every failure must be agreed on before anyone goes on
+            error = err
+    if world == 1:
+        if isinstance(error, OSError) and error.errno in NAMED_OS_ERRORS:
+            raise RankFailure(f"{what} failed: {describe_error(error)}") from error
+        if error is not None:
+            raise error
+        return result
+    report = None if error is None else describe_error(error)
+    reports: list = [None] * world
+    dist.all_gather_object(reports, (report, result if main_only and main else None))
+    failed = [(rank, message) for rank, (message, _) in enumerate(reports) if message is not None]
+    if failed:
+        if error is not None and not isinstance(error, (AdvcapError, OSError)):
+            log.error("%s failed on this rank", what, exc_info=error)
+        names = "; ".join(f"rank {rank}: {message}" for rank, message in failed)
+        raise RankFailure(f"{what} failed on {names}") from error
+    return reports[0][1] if main_only else result
 
 
 def deepspeed_launch() -> bool:
@@ -40,27 +140,37 @@ def deepspeed_launch() -> bool:
 
 def mixed_precision(precision: str) -> str:
     """Accelerate's mixed_precision for advcap's train.precision (auto: bf16 where a CUDA GPU has it)."""
+    import torch
+
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return {"fp32": "no", "bf16": "bf16"}[precision]
 
 
-def make_accelerator(precision: str = "fp32"):
+def make_accelerator(precision: str = "fp32", timeout_s: int = 600):
     """The Accelerator for this process.
 
     Without CUDA, DDP runs on the CPU: `cpu=True` is what makes `--multi_gpu --num_processes N` start N gloo
     ranks. Under DeepSpeed, `cpu=True` would silently drop the DeepSpeed plugin (plain DDP, no ZeRO), and
     without it Accelerate finds no backend on a CPU-only host; so the process group is asked for with gloo,
     the backend of DeepSpeed's CPU accelerator.
+
+    `timeout_s` bounds every collective (gloo and NCCL alike): a rank that died or hangs ends the job after
+    that long instead of the backends' defaults (30 min gloo, 10 min NCCL). It takes effect when the process
+    group is created, i.e. for the first Accelerator of the process.
     """
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
+    timeout = timedelta(seconds=timeout_s)
     if deepspeed_launch():
-        handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
-        return Accelerator(mixed_precision=mixed_precision(precision), kwargs_handlers=handlers)
-    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision(precision))
+        group = InitProcessGroupKwargs(timeout=timeout) if cuda else InitProcessGroupKwargs(backend="gloo", timeout=timeout)
+        return Accelerator(mixed_precision=mixed_precision(precision), kwargs_handlers=[group])
+    # No backend named: Accelerate picks it (gloo on the CPU, NCCL on GPUs), and none when run alone.
+    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision(precision),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
 def configure_deepspeed(accelerator, global_batch: int, per_rank: int, accum: int, clip: float) -> None:
@@ -71,7 +181,7 @@ def configure_deepspeed(accelerator, global_batch: int, per_rank: int, accum: in
     """
     plugin = accelerator.state.deepspeed_plugin
     ds = plugin.deepspeed_config
-    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the accelerate launch flags"
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the accelerate launch flags"  # launcher's
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if stage not in ZERO_STAGES_SUPPORTED:
         raise AdvcapError(
@@ -100,28 +210,41 @@ def configure_deepspeed(accelerator, global_batch: int, per_rank: int, accum: in
 
 
 class DDPDriver:
-    """Accelerate's DDP (or a single process): no_sync before the last micro-batch, our clip and step."""
+    """Accelerate's DDP (or a single process): no_sync before the last micro-batch, our norm, clip and step."""
 
     def __init__(self, accelerator, model, optimizer, clip: float):
         self.accelerator, self.model, self.optimizer, self.clip = accelerator, model, optimizer, clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
     def micro_batch(self, last: bool) -> tuple[Callable[[torch.Tensor], None], Callable[[], Any]]:
         """(backward, no_sync) for one micro-batch; `last` is the accumulation boundary."""
         return self.accelerator.backward, lambda: self.accelerator.no_sync(self.model)
 
-    def step(self, skip: bool) -> tuple[bool, Any]:
-        """Finish the optimizer step: (applied, grad norm or None). `skip`: the ranks agreed to skip it."""
-        grad_norm = None
+    def grad_norm(self) -> Optional[torch.Tensor]:
+        """The global gradient L2 norm (a device tensor, no host sync): after DDP's all-reduce every rank
+        holds the same gradients, so the same norm."""
+        import torch
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.accelerator.device)
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+
+    def step(self, skip: bool, grad_norm: Optional[torch.Tensor]) -> tuple[bool, Any]:
+        """Finish the optimizer step: (applied, grad norm or None). `skip`: the ranks agreed to skip it
+        (a non-finite loss or gradient norm somewhere): the weights and the optimizer state are untouched."""
+        import torch
+
         if not skip:
             if self.clip > 0:
-                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip)
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, grad_norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return not skip, grad_norm
+        return not skip, None if skip else grad_norm
 
 
 class DeepSpeedDriver:
-    """DeepSpeed's engine: we set the boundary, it reduces, clips, steps and zeroes the gradients."""
+    """DeepSpeed's engine: we set the boundary and decide whether the step happens; it reduces, clips and steps."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -141,15 +264,50 @@ class DeepSpeedDriver:
         finally:
             self.engine.set_gradient_accumulation_boundary(boundary)
 
-    def step(self, skip: bool) -> tuple[bool, Any]:
-        # The engine's step is collective: every rank calls it. It skips by itself (and clears the gradients)
-        # when the global gradient norm is not finite, which a non-finite loss on any rank makes it.
+    def grad_norm(self) -> None:
+        """Under ZeRO the gradients are partitioned over the ranks; the engine computes the norm in its step."""
+        return None
+
+    def step(self, skip: bool, grad_norm: None = None) -> tuple[bool, Any]:
+        if skip:
+            # advcap's decision, not DeepSpeed's overflow check (which, for bf16, lets a NaN step through):
+            # the engine is not stepped at all, and the gradients it accumulated are dropped.
+            _discard_zero_gradients(self.engine.optimizer)
+            return False, None
+        import torch
+
         self.engine.step()
         applied = self.engine.was_step_applied()
-        if skip and applied:
-            log.error("DeepSpeed applied a step whose loss was not finite on some rank (its gradients were finite)")
         norm = self.engine.get_global_grad_norm()
+        if applied and norm is not None and not math.isfinite(float(norm)):
+            raise AdvcapError(
+                f"DeepSpeed applied an optimizer step whose gradient norm is {float(norm)} (the losses were finite): "
+                "the weights are no longer trustworthy; resume from the last checkpoint with a lower train.lr"
+            )
         return applied, None if norm is None or not applied else torch.as_tensor(float(norm))
+
+
+def _discard_zero_gradients(optimizer: Any) -> None:
+    """Drop what a ZeRO-1/2 optimizer accumulated for this step without touching weights or optimizer state:
+    the same clearing DeepSpeed's own skipped-step path does (its internals; tests check weights, optimizer
+    state and the steps after a discard against DDP)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+        raise AdvcapError(
+            f"advcap cannot skip a step under DeepSpeed's {type(optimizer).__name__}: only ZeRO-1/2 "
+            "(DeepSpeedZeroOptimizer) is supported"
+        )
+    optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+    optimizer._wait_for_offload_copies()
+    optimizer.zero_grad(set_to_none=True)
+    optimizer._release_preflattened_grad_buffers()
+    if optimizer.cpu_offload:
+        optimizer.reset_cpu_buffers()
+    else:
+        for key in optimizer.averaged_gradients:
+            optimizer.averaged_gradients[key] = None
+            optimizer.all_grad_tensors[key] = None
 
 
 def make_driver(accelerator, model, optimizer, clip: float):

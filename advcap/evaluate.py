@@ -21,11 +21,16 @@ round-robin, and an image lands in the same batch whatever the world size) and r
 attacks on the bare captioner, without collectives. The per-image results are gathered once per split
 and ordered by (global batch, position), so the metrics are the same with any number of ranks.
 
-Outputs in the run directory (main process, atomic replace): `metrics.json`
-`{split: {condition: {"bleu1", "bleu2", "bleu3", "bleu4", "images"}}}`, `predictions.jsonl` (one line per
-image and split: image_id, split, references, captions per condition), `evaluation.json` (which weights
-were evaluated, with what settings), and `eval/<split>/<condition>/bleu<n>` scalars in the run's TensorBoard
-at the run's final step. Each evaluation replaces the previous files.
+Outputs in the run directory (main process, under the run's lock, each file atomic): `predictions.jsonl`
+(one line per image and split: image_id, split, references, captions per condition), then `metrics.json`,
+the one record of the evaluation: `"metrics"` `{split: {condition: {"bleu1".."bleu4", "images"}}}` together
+with the `"settings"` (eval.*) they answer to, the `"images"` evaluated and expected per split, whether
+the evaluation was `"partial"`, the digests of the evaluated model(s) and of the predictions file; then
+`eval/<split>/<condition>/bleu<n>` scalars in the run's TensorBoard at the run's final step. Each
+evaluation replaces the previous files; a stopped or failed one writes nothing.
+
+A split whose shards cannot all be read is an error (naming the shortfall), unless `eval.allow_partial`
+says otherwise; the record then says `"partial": true` and the report flags it.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from advcap.bleu import corpus_bleu_scores
 from advcap.config import EVAL_SPLITS, Config, EvalConfig, config_to_dict, load_config, parse_condition
 from advcap.errors import AdvcapError
+from advcap.rundir import RunDir, checkpoint_step
 from advcap.stopping import StopRequest, Stopped
 
 if TYPE_CHECKING:
@@ -54,9 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("final", "best-val")
-METRICS_FILE, PREDICTIONS_FILE, INFO_FILE = "metrics.json", "predictions.jsonl", "evaluation.json"
-_CHECKPOINT = re.compile(r"step(\d{8})$")
-DEEPSPEED_TAG = "pytorch_model"  # the directory Accelerate's save_state gives a DeepSpeed engine's checkpoint
+RECORD_FORMAT = 2  # metrics.json: one record of metrics and the settings they answer to
 
 
 @dataclass(frozen=True)
@@ -82,37 +85,36 @@ class Generation:
 def load_run_config(
     run: str | os.PathLike[str], overrides: Sequence[str] = (), settings: Optional[EvalConfig] = None
 ) -> Config:
-    """The resolved config of a finished run (config.yaml, trainer_state.json finished, hf/ export).
+    """The resolved config of a finished run (config.yaml, a finished trainer_state.json, the hf/ export).
 
     `overrides` (dotted, as on the command line) may change `eval.*` settings only: the model is trained.
     `settings` (an `EvalConfig`), instead of overrides, replaces the whole `eval` section.
     """
-    run = Path(run)
+    rundir = RunDir(run)
     trained = [o for o in overrides if not o.startswith("eval.")]
     if trained:
         raise AdvcapError(
             f"override {trained[0]!r} is not allowed when evaluating a trained run; only eval.* settings "
             "(e.g. eval.pgd_steps=20 eval.transfer_from=runs/demo/baseline/seed0)"
         )
-    if not (run / "config.yaml").is_file():
-        raise AdvcapError(f"{run} is not a run directory (no config.yaml)")
-    state = _final_state(run)
-    if not state.get("finished") or not (run / "hf" / "config.json").is_file():
+    if not rundir.exists():
+        raise AdvcapError(f"{rundir} is not a run directory (no config.yaml)")
+    if not rundir.training_finished():
         raise AdvcapError(
-            f"{run} is not a finished run (no finished trainer_state.json and hf/ export): "
+            f"{rundir} is not a finished run (no finished trainer_state.json and hf/ export): "
             "finish training first (advcap train ... --resume latest)"
         )
     if settings is not None and overrides:
         raise AdvcapError("give either eval settings or eval.* overrides, not both")
-    cfg = load_config(run / "config.yaml", overrides)
+    cfg = load_config(rundir.config_file, overrides)
     return dataclasses.replace(cfg, eval=settings) if settings is not None else cfg
 
 
 def hf_dir(model: str | os.PathLike[str]) -> Path:
     """The `hf/` export of a run directory, or `model` itself when it is an export."""
     path = Path(model)
-    if (path / "hf" / "config.json").is_file():
-        return path / "hf"
+    if (RunDir(path).export_dir / "config.json").is_file():
+        return RunDir(path).export_dir
     if (path / "config.json").is_file():
         return path
     raise AdvcapError(f"{path} is neither a finished run (no hf/ export) nor an exported captioner (no config.json)")
@@ -137,68 +139,6 @@ def load_model(model: str | os.PathLike[str], device: Any = "cpu") -> tuple[Capt
     captioner = build_captioner(ModelConfig(preset="custom", init_from=str(export)), image_size, tokenizer)
     captioner.eval().requires_grad_(False)
     return captioner.to(device), tokenizer
-
-
-def checkpoints(run: str | os.PathLike[str]) -> list[Path]:
-    """The run's kept checkpoint directories `checkpoints/stepNNNNNNNN`, oldest first."""
-    root = Path(run) / "checkpoints"
-    return sorted(p for p in root.glob("step*") if _CHECKPOINT.search(p.name) and p.is_dir())
-
-
-def load_checkpoint_weights(captioner: Captioner, checkpoint: str | os.PathLike[str]) -> None:
-    """Load a training checkpoint's weights into `captioner`: Accelerate's `model.safetensors` (DDP or one
-    process), or under DeepSpeed the ZeRO checkpoint in `pytorch_model/`, merged from every rank's fp32 partition.
-
-    Tied weights (GPT-2's lm_head is its token embedding) are saved once; every other key must match.
-    """
-    path = Path(checkpoint)
-    device = next(captioner.parameters()).device
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        path = path / "model.safetensors"
-        state = load_file(str(path), device=str(device))
-    elif (path / DEEPSPEED_TAG).is_dir():
-        path = path / DEEPSPEED_TAG
-        state = {k: v.to(device) for k, v in _zero_fp32_state(path).items()}
-    else:
-        raise AdvcapError(
-            f"{path} holds no weights: neither model.safetensors (DDP, one process) nor {DEEPSPEED_TAG}/ (DeepSpeed)"
-        )
-    missing, unexpected = captioner.load_state_dict(state, strict=False)
-    params = dict(captioner.named_parameters(remove_duplicate=False))
-    loaded = {id(params[k]) for k in state if k in params}
-    untied = [k for k in missing if k not in params or id(params[k]) not in loaded]
-    if unexpected or untied:
-        raise AdvcapError(
-            f"{path} does not fit the run's exported model: missing {untied[:5]}, unexpected {list(unexpected)[:5]}"
-        )
-
-
-def _zero_fp32_state(tagged: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a ZeRO-1/2 checkpoint directory (Accelerate saves it under the tag
-    `pytorch_model`): DeepSpeed's own merge of the per-rank partitions, frozen parameters included."""
-    import contextlib
-    import io
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    chatter = io.StringIO()  # the merge prints its progress; keep it out of advcap's stdout
-    try:
-        with contextlib.redirect_stdout(chatter):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(tagged.parent), tag=tagged.name)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
-        raise AdvcapError(f"{tagged} is not a readable DeepSpeed ZeRO checkpoint: {err}") from None
-    log.debug("%s", chatter.getvalue().strip())
-    return state
-
-
-def _final_state(run: Path) -> dict:
-    path = run / "trainer_state.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        raise AdvcapError(f"{path} is malformed") from None
 
 
 # ---------------------------------------------------------------- conditions and labels
@@ -357,18 +297,27 @@ def _caption_split(
     return records
 
 
-def _gather(accelerator: Any, records: list[dict], expected: int, split: str) -> list[dict]:
-    """Every rank's records, on every rank, in the split's global order (batch, position in batch)."""
+def _gather(accelerator: Any, records: list[dict], expected: int, split: str, allow_partial: bool) -> list[dict]:
+    """Every rank's records, on every rank, in the split's global order (batch, position in batch).
+
+    Every rank sees the same gathered list, so they all take the same decision on a shortfall: an error
+    unless `allow_partial` (then a warning; the record says partial).
+    """
     from accelerate.utils import gather_object
 
     gathered = sorted(gather_object(records), key=lambda r: (r["batch_index"], r["position"]))
     ids = [r["image_id"] for r in gathered]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"eval {split}: some images were captioned twice (ranks overlap)")
-    if len(ids) != expected:
-        log.warning("eval %s: %d of %d images could be read; the others are left out", split, len(ids), expected)
     if not gathered:
         raise AdvcapError(f"eval {split}: no image could be read")
+    if len(ids) != expected:
+        shortfall = (f"eval {split}: {len(ids)} of the {expected} images the manifest lists could be read "
+                     "(missing or corrupt shards or samples; see the warnings above, and `advcap verify`)")
+        if not allow_partial:
+            raise AdvcapError(shortfall + ": nothing written. Repair the shards, or set eval.allow_partial=true "
+                              "to score the images that could be read (the report then flags the run)")
+        log.warning("%s: scoring those only (eval.allow_partial)", shortfall)
     return gathered
 
 
@@ -388,27 +337,33 @@ def _expected_images(manifest: Any, cfg: Config, split: str) -> int:
 
 
 def _select_best_val(
-    batch_captioner: BatchCaptioner, run: Path, cfg: Config, manifest: Any, accelerator: Any, stop: StopRequest
+    batch_captioner: BatchCaptioner, rundir: RunDir, cfg: Config, manifest: Any, accelerator: Any, stop: StopRequest
 ) -> dict:
     """Load the kept checkpoint with the best clean val BLEU-4 (ties: the later one) into the captioner.
 
+    Only checkpoints that validate against their manifest are candidates; the others are named and passed over.
     Returns {"weights": "checkpoints/stepNNNNNNNN", "step": N, "val_bleu4": {checkpoint name: BLEU-4}}.
     """
-    candidates = checkpoints(run)
+    from advcap.checkpoint import load_checkpoint_weights
+
+    candidates, passed = rundir.valid_checkpoints()
+    for skipped in passed:
+        log.warning("best-val: passing over %s", skipped)
     if not candidates:
-        raise AdvcapError(f"--select best-val: {run}/checkpoints holds no checkpoint")
+        raise AdvcapError(f"--select best-val: {rundir.checkpoints_dir} holds no valid checkpoint")
     clean = [Condition("clean", "clean")]
     expected = _expected_images(manifest, cfg, "val")
     scores = {}
     for checkpoint in candidates:
         load_checkpoint_weights(batch_captioner.captioner, checkpoint)
-        records = _gather(accelerator, _caption_split(batch_captioner, cfg, manifest, "val", clean, accelerator, stop), expected, "val")
+        local = _caption_split(batch_captioner, cfg, manifest, "val", clean, accelerator, stop)
+        records = _gather(accelerator, local, expected, "val", cfg.eval.allow_partial)
         scores[checkpoint.name] = split_metrics(records, ["clean"])["clean"]["bleu4"]
         log.info("best-val: %s clean val BLEU-4 %.4f", checkpoint.name, scores[checkpoint.name])
     best = max(candidates, key=lambda c: (scores[c.name], c.name))
     load_checkpoint_weights(batch_captioner.captioner, best)
     log.info("best-val: evaluating %s", best)
-    return {"weights": f"checkpoints/{best.name}", "step": int(_CHECKPOINT.search(best.name)[1]), "val_bleu4": scores}
+    return {"weights": f"checkpoints/{best.name}", "step": checkpoint_step(best), "val_bleu4": scores}
 
 
 def evaluate(
@@ -437,20 +392,18 @@ def evaluate(
             evaluation settings changed since training); not together with `overrides`.
     Returns:
         {split: {condition: {"bleu1", "bleu2", "bleu3", "bleu4", "images"}}}, the same on every rank;
-        the main process also writes metrics.json, predictions.jsonl, evaluation.json and TensorBoard scalars.
+        the main process also writes predictions.jsonl, the metrics.json record and TensorBoard scalars.
     Raises:
         AdvcapError: an unfinished run, unknown selection/split/condition, transfer-fgsm without
-            `eval.transfer_from`, missing shards.
+            `eval.transfer_from`, missing shards, images that could not be read (unless eval.allow_partial),
+            the run directory held by another process.
         Stopped: a stop was requested; no output was written.
     """
-    import torch
-    from accelerate.utils import gather_object
-
     from advcap.data.manifest import load_manifest
 
-    run = Path(run)
+    rundir = RunDir(run)
     stop = stop or StopRequest()
-    cfg = load_run_config(run, overrides, settings)
+    cfg = load_run_config(rundir.path, overrides, settings)
     if select not in SELECTIONS:
         raise AdvcapError(f"--select {select!r} is not allowed; expected one of {' | '.join(SELECTIONS)}")
     # The eval settings these metrics answer to (recorded; the ablation re-evaluates a run when they change).
@@ -463,49 +416,69 @@ def evaluate(
     if needs_transfer and not cfg.eval.transfer_from:
         raise AdvcapError(
             f"condition transfer-fgsm needs eval.transfer_from (the run whose model crafts the images), "
-            f"but neither {run / 'config.yaml'} nor the overrides set one"
+            f"but neither {rundir.config_file} nor the overrides set one"
         )
     manifest = load_manifest(cfg.data.shards)
     if accelerator is None:
         from advcap.distributed import make_accelerator
 
         # The run's precision: after training in the same process, Accelerate's state must not change.
-        accelerator = make_accelerator(cfg.train.precision)
+        accelerator = make_accelerator(cfg.train.precision, cfg.dist.timeout_s)
+    with rundir.held():
+        return _evaluate(rundir, cfg, select, conds, splits, settings_used, needs_transfer, manifest, accelerator, stop,
+                         overrides)
+
+
+def _evaluate(rundir: RunDir, cfg: Config, select: str, conds: list[Condition], splits: list[str], settings_used: dict,
+              needs_transfer: bool, manifest: Any, accelerator: Any, stop: StopRequest, overrides: Sequence[str]) -> dict:
+    """The evaluation proper, with the run directory held (see evaluate)."""
+    from accelerate.utils import gather_object
+
+    from advcap.distributed import agree
+
     started = time.perf_counter()
-    device = accelerator.device
-
-    batch_captioner = _batch_captioner(run, cfg, needs_transfer, device)
-    final_step = int(_final_state(run).get("step", 0))
-    info: dict[str, Any] = {"select": select, "weights": "hf", "step": final_step}
+    batch_captioner = _batch_captioner(rundir.path, cfg, needs_transfer, accelerator.device)
+    final_step = int(rundir.training_state().get("step", 0))
+    evaluated: dict[str, Any] = {"select": select, "weights": "hf", "step": final_step}
     if select == "best-val":
-        info.update(_select_best_val(batch_captioner, run, cfg, manifest, accelerator, stop))
+        evaluated.update(_select_best_val(batch_captioner, rundir, cfg, manifest, accelerator, stop))
 
-    metrics, records, per_rank = {}, [], {}
+    metrics, records, images, per_rank = {}, [], {}, {}
     names = [c.name for c in conds]
     for split in splits:
-        log.info("evaluating %s on %s: %s", run, split, ", ".join(names))
+        log.info("evaluating %s on %s: %s", rundir, split, ", ".join(names))
         local = _caption_split(batch_captioner, cfg, manifest, split, conds, accelerator, stop)
         per_rank[split] = gather_object([len(local)])
-        split_records = _gather(accelerator, local, _expected_images(manifest, cfg, split), split)
+        expected = _expected_images(manifest, cfg, split)
+        split_records = _gather(accelerator, local, expected, split, cfg.eval.allow_partial)
         metrics[split] = split_metrics(split_records, names)
+        images[split] = {"evaluated": len(split_records), "expected": expected}
         records += split_records
 
-    if accelerator.is_main_process:
-        info.update(
-            eval=settings_used,
-            conditions={c.name: {"kind": c.kind, "epsilon": c.epsilon} for c in conds},
-            splits=splits,
-            generation={"max_new_tokens": cfg.eval.max_new_tokens, "num_beams": cfg.eval.num_beams},
-            pgd={"steps": cfg.eval.pgd_steps, "step_size": cfg.eval.pgd_step_size, "target": cfg.eval.pgd_target},
-            transfer_from=cfg.eval.transfer_from if needs_transfer else None,
-            overrides=list(overrides),
-            world_size=accelerator.num_processes,
-            images_per_rank=per_rank,
-            wall_time_s=round(time.perf_counter() - started, 2),
-        )
-        write_outputs(run, metrics, records, info)
-        _log_tensorboard(run, metrics, final_step)
-    accelerator.wait_for_everyone()
+    record = {
+        "format": RECORD_FORMAT,
+        "metrics": metrics,
+        "settings": settings_used,
+        "images": images,
+        "partial": any(v["evaluated"] != v["expected"] for v in images.values()),
+        **evaluated,
+        "model_sha256": rundir.model_digest(),
+        "transfer_from": cfg.eval.transfer_from if needs_transfer else None,
+        "transfer_model_sha256": RunDir(cfg.eval.transfer_from).model_digest() if needs_transfer else None,
+        "conditions": {c.name: {"kind": c.kind, "epsilon": c.epsilon} for c in conds},
+        "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "num_beams": cfg.eval.num_beams},
+        "overrides": list(overrides),
+        "world_size": accelerator.num_processes,
+        "images_per_rank": per_rank,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+    def write() -> None:
+        write_outputs(rundir, records, record)
+        _log_tensorboard(rundir, metrics, final_step)
+
+    agree(f"writing the evaluation of {rundir}", write, main_only=True)
     return metrics
 
 
@@ -542,26 +515,18 @@ def _check_splits(splits: list[str]) -> list[str]:
 # ---------------------------------------------------------------- outputs
 
 
-def write_outputs(run: Path, metrics: dict, records: Sequence[dict], info: dict) -> None:
-    """metrics.json, predictions.jsonl and evaluation.json in the run directory, each replaced atomically."""
+def write_outputs(rundir: RunDir, records: Sequence[dict], record: dict) -> None:
+    """predictions.jsonl, then metrics.json (the record, written last), each replaced atomically."""
     keys = ("image_id", "split", "references", "captions")
     lines = "".join(json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n" for r in records)
-    _write_atomic(run / PREDICTIONS_FILE, lines)
-    _write_atomic(run / INFO_FILE, json.dumps(info, indent=1) + "\n")
-    _write_atomic(run / METRICS_FILE, json.dumps(metrics, indent=1) + "\n")
-    log.info("wrote %s, %s and %s in %s", METRICS_FILE, PREDICTIONS_FILE, INFO_FILE, run)
+    rundir.write_evaluation(lines, record)
+    log.info("wrote %s and %s", rundir.predictions_file, rundir.metrics_file)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _log_tensorboard(run: Path, metrics: dict, step: int) -> None:
+def _log_tensorboard(rundir: RunDir, metrics: dict, step: int) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run / "tensorboard"))
+    writer = SummaryWriter(str(rundir.tensorboard_dir))
     try:
         for split, by_condition in metrics.items():
             for condition, values in by_condition.items():
@@ -593,9 +558,9 @@ def _inference_model(model: str | os.PathLike[str]) -> tuple[Captioner, Any, Gen
     from advcap.model import DEFAULT_MAX_NEW_TOKENS
 
     captioner, tokenizer = load_model(model)
-    config = Path(model) / "config.yaml"
-    if (Path(model) / "hf").is_dir() and config.is_file():
-        cfg = load_config(config)
+    rundir = RunDir(model)
+    if rundir.export_dir.is_dir() and rundir.exists():
+        cfg = rundir.config()
         return captioner, tokenizer, Generation(cfg.eval.max_new_tokens, cfg.eval.num_beams), cfg.attack.epsilon
     return captioner, tokenizer, Generation(DEFAULT_MAX_NEW_TOKENS), AttackConfig().epsilon
 

@@ -248,7 +248,7 @@ def export_hf(captioner: Captioner, tokenizer: Any, out_dir: str | Path) -> Path
         captioner.model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     captioner.image_processor().save_pretrained(str(out))
-    log.info("exported the captioner to %s", out)
+    log.debug("exported the captioner to %s", out)
     return out
 
 

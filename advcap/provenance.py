@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
-import os
 import platform
 import socket
 import subprocess
@@ -12,17 +10,6 @@ import time
 from pathlib import Path
 
 PACKAGES = ("advcap", "torch", "transformers", "accelerate", "deepspeed", "webdataset", "tokenizers", "nltk")
-
-
-def launcher() -> str:
-    """Which launcher started this process: slurm, accelerate, torchrun or python."""
-    if "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ:
-        return "slurm+accelerate" if "ACCELERATE_MIXED_PRECISION" in os.environ else "slurm"
-    if any(k.startswith("ACCELERATE_") for k in os.environ):
-        return "accelerate"
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        return "torchrun"
-    return "python"
 
 
 def git_commit() -> str | None:
@@ -48,16 +35,14 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES",
-                   "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION")
-
-
 def zero_stage(accelerator) -> int | None:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return None if plugin is None else int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def collect(accelerator, **extra) -> dict:
+    from advcap.distributed import launcher, slurm_info, slurm_job_id
+
     return {
         "launcher": launcher(),
         "distributed_type": accelerator.distributed_type.value,  # e.g. MULTI_CPU, DEEPSPEED
@@ -69,14 +54,8 @@ def collect(accelerator, **extra) -> dict:
         "platform": platform.platform(),
         "git_commit": git_commit(),
         "packages": package_versions(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "slurm": {k[len("SLURM_"):].lower(): os.environ[k] for k in SLURM_VARIABLES if k in os.environ} or None,
+        "slurm_job_id": slurm_job_id(),
+        "slurm": slurm_info(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
-
-
-def write(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)

@@ -1,18 +1,24 @@
 """The report: per phase, mean ± std over seeds of BLEU-4 on clean and attacked images, plus cost.
 
 `advcap report runs/<dataset>` reads only files of the run directories `runs/<dataset>/<phase>/seed<k>/`
-(config.yaml, provenance.json, metrics.json), so it works on runs made anywhere (locally, SLURM arrays).
-It writes report.md (the paper's Table 2/3 with n and std), report.csv (every number, tidy: one row per
-value), and two PNG plots. Runs of one phase are averaged only if their configs agree except for the
-seed and run.* (where the run lives); otherwise it refuses, naming the key, because such an average
-would mix two experiments.
+(config.yaml, provenance.json, and the evaluation record metrics.json), so it works on runs made
+anywhere (locally, SLURM arrays). It writes report.md (the paper's Table 2/3 with n and std), report.csv
+(every number, tidy: one row per value), and two PNG plots. Runs of one phase are averaged only if their
+configs and the eval settings their metrics answer to agree except for the seed and run.* (where the run
+lives); otherwise it refuses, naming the key, because such an average would mix two experiments.
+
+Nothing is left out silently. A run whose metrics answer to other weights than the run's (retrained
+after its evaluation) is not averaged; a partial evaluation, image counts that differ between the runs
+averaged, a config.yaml that lags its metrics' settings, and every phase × seed that was asked for
+(`--phases`, `--seeds`; by default the grid of the phases and seeds present) but is missing or
+unfinished are listed under Warnings, and every mean says its n.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
+import io
 import logging
 import math
 import statistics
@@ -53,8 +59,13 @@ class Run:
     phase: str
     seed: int
     config: Any  # advcap.config.Config
-    metrics: Optional[dict]  # {split: {condition: {"bleu1".."bleu4", "images"}}}; None if not evaluated
+    record: Optional[dict]  # the evaluation record (metrics.json); None if not evaluated
     provenance: Optional[dict]  # None if training did not finish
+
+    @property
+    def metrics(self) -> Optional[dict]:
+        """{split: {condition: {"bleu1".."bleu4", "images"}}}, or None if not evaluated."""
+        return None if self.record is None else self.record["metrics"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,7 @@ class Report:
     sweep_conditions: list[str]  # fgsm@<eps> present, by ε
     runs: dict[str, list[Run]]  # phase → its evaluated runs, by seed
     missing: list[str]  # "<phase> seed<k>: why" for runs not averaged
+    n_expected: int = 0  # seeds asked for per phase: a mean over fewer says its n
     warnings: list[str] = field(default_factory=list)
     bleu: dict[tuple[str, str, str, str], Stat] = field(default_factory=dict)  # (phase, split, cond, bleuN)
     blind: dict[str, Stat] = field(default_factory=dict)  # split → over all runs, keyed by run index
@@ -110,49 +122,43 @@ class Report:
 
 
 def find_runs(root: str | Path) -> tuple[list[Run], list[str]]:
-    """Every run dir `root/<phase>/seed<k>/` with a config.yaml; plus the runs that cannot be read.
+    """Every run dir `root/<phase>/seed<k>/` with a config.yaml; plus the runs that cannot be used.
 
-    Returns (runs, problems). A run without metrics.json is returned with metrics=None.
+    Returns (runs, problems). A run without an evaluation record is returned with record=None.
     Raises AdvcapError if `root` holds no run at all.
     """
-    from advcap.config import load_config
+    from advcap.rundir import RunDir
 
     root = Path(root)
     if not root.is_dir():
         raise AdvcapError(f"{root} is not a directory; expected runs/<dataset> holding <phase>/seed<k>/ run dirs")
     runs, problems = [], []
-    for path in sorted(root.glob("*/seed*/config.yaml")):
-        run_path = path.parent
+    for rundir in RunDir.discover(root):
         try:
-            cfg = load_config(path)
+            cfg = rundir.config()
         except AdvcapError as err:
-            raise AdvcapError(f"cannot read the config of run {run_path}: {err}") from None
-        if cfg.run.phase != run_path.parent.name or f"seed{cfg.train.seed}" != run_path.name:
+            raise AdvcapError(f"cannot read the config of run {rundir}: {err}") from None
+        if cfg.run.phase != rundir.path.parent.name or f"seed{cfg.train.seed}" != rundir.path.name:
             problems.append(
-                f"{run_path}: its config says phase {cfg.run.phase} seed {cfg.train.seed}, not where it lies: not used"
+                f"{rundir}: its config says phase {cfg.run.phase} seed {cfg.train.seed}, not where it lies: not used"
             )
             continue
-        runs.append(
-            Run(run_path, cfg.run.phase, cfg.train.seed, cfg, _read_json(run_path / "metrics.json"),
-                _read_json(run_path / "provenance.json"))
-        )
+        try:
+            record = rundir.evaluation()
+        except AdvcapError as err:
+            problems.append(f"{cfg.run.phase} seed{cfg.train.seed}: {err}: not used")
+            continue
+        provenance = rundir.provenance()
+        if record is not None and provenance is not None and record.get("model_sha256") != provenance.get("weights_sha256"):
+            problems.append(f"{cfg.run.phase} seed{cfg.train.seed}: its metrics.json answers to other weights than the "
+                            f"run's (trained again after its evaluation) in {rundir}: not used; evaluate it again")
+            record = None
+        runs.append(Run(rundir.path, cfg.run.phase, cfg.train.seed, cfg, record, provenance))
     if not runs and not problems:
         raise AdvcapError(
             f"no runs under {root}: expected {root}/<phase>/seed<k>/config.yaml (point at runs/<dataset>, not runs/)"
         )
     return runs, problems
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise AdvcapError(f"cannot read {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise AdvcapError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
 
 
 def comparable_config(cfg: Any) -> dict:
@@ -170,6 +176,18 @@ def comparable_config(cfg: Any) -> dict:
     return data
 
 
+def _answered_config(run: Run) -> dict:
+    """The run's config with `eval` replaced by the settings its metrics answer to (the record's)."""
+    import dataclasses
+
+    from advcap.config import EvalConfig
+
+    cfg = run.config
+    if run.record is not None:
+        cfg = dataclasses.replace(cfg, eval=EvalConfig(**run.record["settings"]))
+    return comparable_config(cfg)
+
+
 def check_same_experiment(runs: Sequence[Run]) -> None:
     """Raise AdvcapError unless the runs (of one phase) differ only in train.seed and run.* keys."""
     from advcap.config import diff_configs
@@ -177,9 +195,9 @@ def check_same_experiment(runs: Sequence[Run]) -> None:
     if not runs:
         return
     first = runs[0]
-    reference = comparable_config(first.config)
+    reference = _answered_config(first)
     for run in runs[1:]:
-        diffs = diff_configs(reference, comparable_config(run.config), ignore=("train.seed", "run"))
+        diffs = diff_configs(reference, _answered_config(run), ignore=("train.seed", "run"))
         if diffs:
             raise AdvcapError(
                 f"refusing to average the {run.phase} runs: {first.path} and {run.path} differ in "
@@ -191,27 +209,36 @@ def check_same_experiment(runs: Sequence[Run]) -> None:
 # ---------------------------------------------------------------- the numbers
 
 
-def build_report(root: str | Path) -> Report:
-    """Read every run under `root` (= runs/<dataset>) and compute the report's numbers (no files written)."""
+def build_report(root: str | Path, asked_phases: Optional[Sequence[str]] = None,
+                 asked_seeds: Optional[Sequence[int]] = None) -> Report:
+    """Read every run under `root` (= runs/<dataset>) and compute the report's numbers (no files written).
+
+    `asked_phases` / `asked_seeds`: the grid the study asked for (e.g. a SLURM array's lists); every cell
+    without an evaluated run is listed as missing. By default, the phases and seeds present.
+    """
     runs, problems = find_runs(root)
     by_phase: dict[str, list[Run]] = {}
     for run in sorted(runs, key=lambda r: r.seed):
         by_phase.setdefault(run.phase, []).append(run)
-    phases = [p for p in PAPER_PHASES if p in by_phase] + sorted(p for p in by_phase if p not in PAPER_PHASES)
+    names = list(dict.fromkeys([*(asked_phases or []), *by_phase]))
+    phases = [p for p in PAPER_PHASES if p in names] + [p for p in names if p not in PAPER_PHASES]
 
     missing = list(problems)
+    unusable = {line.split(":")[0] for line in problems}
     evaluated: dict[str, list[Run]] = {}
-    all_seeds = sorted({r.seed for r in runs})
+    seeds = sorted(set(asked_seeds)) if asked_seeds else sorted({r.seed for r in runs})
     for phase in phases:
-        have = {r.seed: r for r in by_phase[phase]}
-        for seed in all_seeds:
+        have = {r.seed: r for r in by_phase.get(phase, [])}
+        for seed in seeds:
             run = have.get(seed)
+            if f"{phase} seed{seed}" in unusable:
+                continue
             if run is None:
                 missing.append(f"{phase} seed{seed}: no run directory")
             elif run.metrics is None:
                 why = "training not finished" if run.provenance is None else "not evaluated"
                 missing.append(f"{phase} seed{seed}: no metrics.json ({why}) in {run.path}")
-        evaluated[phase] = [r for r in by_phase[phase] if r.metrics is not None]
+        evaluated[phase] = [r for r in by_phase.get(phase, []) if r.metrics is not None]
         check_same_experiment(evaluated[phase])
 
     scored = [r for phase in phases for r in evaluated[phase]]
@@ -221,7 +248,12 @@ def build_report(root: str | Path) -> Report:
     conditions = [c for c in MAIN_CONDITIONS if c in conds_present]
     sweep = sorted((c for c in conds_present if c.startswith("fgsm@")), key=_sweep_epsilon)
 
-    report = Report(Path(root), phases, splits, conditions, sweep, evaluated, missing)
+    report = Report(Path(root), phases, splits, conditions, sweep, evaluated, missing, n_expected=len(seeds))
+    if missing:
+        asked = len(phases) * len(seeds)
+        report.warnings.append(f"{len(missing)} of the {asked} runs asked for ({len(phases)} phases × {len(seeds)} seeds) "
+                               "are missing, unfinished or unusable, and not averaged: see Missing runs below")
+    report.warnings += _record_warnings(evaluated)
     report.warnings += _cross_phase_warnings(evaluated)
     for phase in phases:
         runs_here = evaluated[phase]
@@ -294,6 +326,30 @@ def _cost_values(runs: Iterable[Run]) -> dict[str, dict[int, float]]:
     return out
 
 
+def _record_warnings(evaluated: Mapping[str, list[Run]]) -> list[str]:
+    """What the evaluation records say that a reader of the averages must know."""
+    from advcap.config import config_to_dict, diff_configs
+
+    warnings = []
+    for phase, runs in evaluated.items():
+        counts: dict[str, dict[int, int]] = {}
+        for run in runs:
+            for split, images in run.record["images"].items():
+                counts.setdefault(split, {})[run.seed] = images["evaluated"]
+                if images["evaluated"] != images["expected"]:
+                    warnings.append(f"{run.path}: {split} scored {images['evaluated']} of the {images['expected']} "
+                                    "images its shards list (a partial evaluation, eval.allow_partial)")
+            lag = diff_configs({"eval": config_to_dict(run.config)["eval"]}, {"eval": run.record["settings"]}, ignore=())
+            if lag:
+                warnings.append(f"{run.path}: config.yaml's eval settings are not those its metrics answer to "
+                                f"({'; '.join(lag)}); the numbers are those of the settings in metrics.json")
+        for split, by_seed in counts.items():
+            if len(set(by_seed.values())) > 1:
+                shown = ", ".join(f"seed {seed}: {n}" for seed, n in sorted(by_seed.items()))
+                warnings.append(f"{phase}: the runs averaged scored different numbers of {split} images ({shown})")
+    return warnings
+
+
 def _cross_phase_warnings(evaluated: Mapping[str, list[Run]]) -> list[str]:
     """Phases of a paired ablation differ only in their phase settings; say so when they do not."""
     from advcap.config import diff_configs
@@ -304,7 +360,7 @@ def _cross_phase_warnings(evaluated: Mapping[str, list[Run]]) -> list[str]:
     (ref_phase, ref), warnings = firsts[0], []
     ignore = (*PHASE_KEYS, "train.seed", "run", "eval.transfer_from", "eval.conditions")
     for phase, run in firsts[1:]:
-        diffs = diff_configs(comparable_config(ref.config), comparable_config(run.config), ignore=ignore)
+        diffs = diff_configs(_answered_config(ref), _answered_config(run), ignore=ignore)
         if diffs:
             warnings.append(
                 f"{ref_phase} and {phase} differ beyond their phase settings ({'; '.join(diffs)}): "
@@ -316,17 +372,26 @@ def _cross_phase_warnings(evaluated: Mapping[str, list[Run]]) -> list[str]:
 # ---------------------------------------------------------------- writing
 
 
-def write_report(root: str | Path, out: str | Path | None = None) -> Report:
+def write_report(root: str | Path, out: str | Path | None = None, asked_phases: Optional[Sequence[str]] = None,
+                 asked_seeds: Optional[Sequence[int]] = None) -> Report:
     """Build the report of `root` (= runs/<dataset>) and write report.md, report.csv and the PNG plots.
 
     `out` defaults to `root/report`. Returns the Report (its `main_table` is what the CLI prints).
     """
-    report = build_report(root)
+    from advcap import atomic
+
+    report = build_report(root, asked_phases, asked_seeds)
     out = Path(out) if out is not None else Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(report, out / "report.csv")
-    plots = [p for p in (_bar_plot(report, out / BAR_PLOT), _epsilon_plot(report, out / EPSILON_PLOT)) if p]
-    (out / "report.md").write_text(_markdown(report, plots), encoding="utf-8")
+    with atomic.atomic_path(out / "report.csv") as tmp:
+        _write_csv(report, tmp)
+    plots = []
+    for draw, name in ((_bar_plot, BAR_PLOT), (_epsilon_plot, EPSILON_PLOT)):
+        image = io.BytesIO()
+        if draw(report, image):
+            atomic.write_bytes(out / name, image.getvalue())
+            plots.append(out / name)
+    atomic.write_text(out / "report.md", _markdown(report, plots))
     log.info("wrote %s/report.md, report.csv and %d plots", out, len(plots))
     return report
 
@@ -379,10 +444,10 @@ def _main_table(report: Report) -> str:
     rows = []
     for phase in report.phases:
         n = len(report.runs[phase])
-        cells = [phase, str(n)]
+        cells = [phase, str(n) if n == report.n_expected else f"{n} of {report.n_expected}"]
         for split, cond in columns:
             stat = report.bleu.get((phase, split, cond, "bleu4"))
-            cells.append(stat.text(n) if stat else "—")
+            cells.append(stat.text(report.n_expected) if stat else "—")
         rows.append(cells)
     if report.blind:
         n_runs = sum(len(r) for r in report.runs.values())
@@ -532,7 +597,7 @@ def _figure(n_panels: int):
     return fig, fig.subplots(1, n_panels, squeeze=False)[0]
 
 
-def _bar_plot(report: Report, path: Path) -> Optional[Path]:
+def _bar_plot(report: Report, path: Any) -> Any:
     """Grouped bars: per phase, BLEU-4 clean and under each attack (std error bars), one panel per split."""
     if not report.splits or not report.conditions:
         return None
@@ -554,11 +619,11 @@ def _bar_plot(report: Report, path: Path) -> Optional[Path]:
                    if sp == split and q == "bleu4"), default=1.0)
         ax.set_ylim(0, max(top, 1e-3) * 1.3)  # headroom for the legend
         ax.legend(fontsize="small", ncols=len(report.conditions) + 1, loc="upper center")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     return path
 
 
-def _epsilon_plot(report: Report, path: Path) -> Optional[Path]:
+def _epsilon_plot(report: Report, path: Any) -> Any:
     """BLEU-4 vs FGSM ε per phase: clean at ε=0, fgsm at attack.epsilon, fgsm@ε of the sweep."""
     if not report.splits:
         return None
@@ -579,7 +644,7 @@ def _epsilon_plot(report: Report, path: Path) -> Optional[Path]:
         ax.legend(fontsize="small")
     if not drawn:
         return None
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     return path
 
 
@@ -587,9 +652,11 @@ def _epsilon_plot(report: Report, path: Path) -> Optional[Path]:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    report = write_report(args.runs, args.out)
+    report = write_report(args.runs, args.out, args.phases, args.seeds)
     out = Path(args.out) if args.out else Path(args.runs) / "report"
     print(report.main_table)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     if report.missing:
         print(f"\nmissing (not averaged): {len(report.missing)} runs; see {out / 'report.md'}")
     print(f"\nwrote {out / 'report.md'}, {out / 'report.csv'} and plots")
@@ -600,9 +667,13 @@ def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "report",
         help="mean ± std over seeds per phase of BLEU-4 (clean/attacked), paired differences, cost, plots",
-        description="Reads only run-directory files (config.yaml, provenance.json, metrics.json) under "
+        description="Reads only run-directory files (config.yaml, provenance.json, the metrics.json record) under "
         "RUNS/<phase>/seed<k>/ and writes report.md, report.csv and PNG plots. " + EPSILON_CONVENTION + ".",
     )
     p.add_argument("runs", help="the ablation folder runs/<dataset>")
     p.add_argument("--out", default=None, help="output directory (default: RUNS/report)")
+    p.add_argument("--phases", nargs="+", default=None,
+                   help="the phases the study asked for (default: those present); missing ones are listed")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="the seeds the study asked for (default: those present); missing ones are listed")
     p.set_defaults(func=_cmd_report)

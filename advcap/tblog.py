@@ -33,14 +33,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 class TrainLogger:
-    """Writes to `run_dir/tensorboard`; a no-op on non-main ranks."""
+    """Writes TensorBoard events into `log_dir` (the run's tensorboard/); a no-op on non-main ranks."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, log_dir: Path, enabled: bool):
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(str(log_dir))
 
     def hyperparameters(self, cfg: Config, extra: dict) -> None:
         if self.writer is None:

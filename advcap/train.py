@@ -1,33 +1,36 @@
 """Training: `train(cfg)` runs one phase × seed into its run directory.
 
 The loop composes components that decide when to act: the data stream (position = micro-batches
-consumed), the step (`advcap.step`), the checkpointer (`due(step)`), and the logger. Every rank runs
-the same loop; the only collectives besides DDP's gradient all-reduce are two tiny reductions per
-optimizer step: the global target-token count (loss normalisation) and a flags vector (a NaN/inf
-loss anywhere, a stop request anywhere), so all ranks skip or stop at the same step.
+consumed), the step (`advcap.step`), the driver of the engine (`advcap.distributed`), the checkpointer
+(`due(step)`), the non-finite policy and the logger. Every rank runs the same loop; besides the
+gradient reduction the ranks exchange two tiny reductions per optimizer step: the global target-token
+count (loss normalisation) and a flags vector (a non-finite loss or gradient norm anywhere, a stop
+request anywhere), so all ranks skip or stop at the same step. Setup, checkpoints and the final
+export are agreed sections (`advcap.distributed.agree`): a failure on any rank is every rank's failure.
+
+The run directory is held by the job for the whole run (`RunDir.held`): a second process that tries
+to write it is refused, naming the holder.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import time
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 
-from advcap import provenance
+from advcap import faults, provenance
 from advcap.checkpoint import Checkpointer, TrainerState
-from advcap.config import Config, diff_configs, grad_accum_steps, load_config, per_rank_batch_size, run_dir, save_config
+from advcap.config import Config, grad_accum_steps, per_rank_batch_size
 from advcap.data.loader import TrainStream, make_loader
 from advcap.data.manifest import load_manifest
-from advcap.distributed import configure_deepspeed, make_accelerator, make_driver
+from advcap.distributed import agree, configure_deepspeed, launch_world_size, make_accelerator, make_driver
 from advcap.errors import AdvcapError
 from advcap.freeze import apply_freeze, trainable_parameters
 from advcap.model import build_captioner, decode_captions, export_hf, tokenizer_source
+from advcap.rundir import PARAMETERS, PROVENANCE, TRAINING_STATE, RunDir
 from advcap.step import StepSettings, train_micro_step
 from advcap.stopping import EXIT_STOPPED, StopRequest  # noqa: F401 — EXIT_STOPPED: callers know it from here
 from advcap.tblog import TrainLogger
@@ -36,7 +39,6 @@ from advcap.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 FINISHED, STOPPED = "finished", "stopped"
-STATE_FILE = "trainer_state.json"
 
 
 def resolve_tokenizer(cfg: Config):
@@ -49,33 +51,26 @@ def resolve_tokenizer(cfg: Config):
     return load_tokenizer(source)
 
 
-def prepare_run_dir(cfg: Config, out: Path, resume: str | None) -> str | None:
-    """Check the run dir against the config. Returns FINISHED if this exact run is already done."""
-    saved = out / "config.yaml"
-    if saved.is_file():
-        saved_cfg = load_config(saved)
-        # `eval` settings do not touch the model: a run trained with other ones is the same run.
-        diffs = diff_configs(saved_cfg, cfg, ignore=("eval",))
-        if diffs:
-            raise AdvcapError(f"{out} holds a run with a different config ({'; '.join(diffs)}); use another run.out")
-        state_file = out / STATE_FILE
-        if state_file.is_file() and json.loads(state_file.read_text()).get("finished"):
-            record_eval_settings(cfg, out)  # (an unfinished run rewrites config.yaml when it starts)
-            return FINISHED
-    if resume is None and any((out / "checkpoints").glob("step*")):
-        raise AdvcapError(f"{out} has checkpoints of an unfinished run: continue it with --resume latest")
-    return None
+def prepare_run_dir(rundir: RunDir, cfg: Config, resume: str | None) -> str | None:
+    """Check the run directory against the config, under its lock (main process). Returns FINISHED if this
+    run is done, else the resume to use: None (a fresh start), 'latest' or a checkpoint folder.
 
-
-def record_eval_settings(cfg: Config, out: Path) -> None:
-    """Write `cfg` to a trained run's config.yaml if its eval settings changed (nothing else may differ,
-    see prepare_run_dir): the file records what the run's metrics answer to. Main process only."""
-    from advcap.cli import launch_rank
-
-    saved = out / "config.yaml"
-    if launch_rank() == 0 and load_config(saved) != cfg:
-        save_config(cfg, saved)
-        log.info("%s: trained already; its config.yaml now holds the new eval settings", out)
+    Interrupted checkpoint commits are finished or undone first (`RunDir.recover`), so `--resume auto`
+    sees exactly the checkpoints that exist.
+    """
+    for action in rundir.recover():
+        log.warning("%s: %s", rundir, action)
+    diffs = rundir.conflicts_with(cfg, ignore=("eval",))  # eval settings do not touch the model
+    if diffs:
+        raise AdvcapError(f"{rundir} holds a run with a different config ({'; '.join(diffs)}); use another run.out")
+    if rundir.training_finished():
+        return FINISHED
+    has_checkpoints = bool(rundir.checkpoint_dirs())
+    if resume == "auto":  # what a requeued or resubmitted job wants: continue if there is anything to continue
+        return "latest" if has_checkpoints else None
+    if resume is None and has_checkpoints:
+        raise AdvcapError(f"{rundir} has checkpoints of an unfinished run: continue it with --resume latest")
+    return resume
 
 
 def _micro_batches(stream: TrainStream, workers: int, consumed: int):
@@ -102,34 +97,57 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.train.lr)
 
 
+@dataclass
+class NonFinitePolicy:
+    """Counts skipped steps and says when too many in a row must stop the run."""
+
+    limit: int
+
+    def record(self, state: TrainerState, skipped: bool) -> None:
+        if skipped:
+            state.nonfinite_steps += 1
+            state.nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient norm on some rank: step skipped on all ranks "
+                        "(%d in a row)", state.step, state.nonfinite_in_a_row)
+        else:
+            state.nonfinite_in_a_row = 0
+
+    def exhausted(self, state: TrainerState) -> bool:
+        return state.nonfinite_in_a_row >= self.limit
+
+
 def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = None) -> str:
-    """Train the run `cfg` describes. Returns FINISHED, or STOPPED after a stop request (resumable)."""
+    """Train the run `cfg` describes. Returns FINISHED, or STOPPED after a stop request (resumable).
+
+    `resume`: None (fresh; an error if checkpoints exist), 'latest', 'auto' (latest if any, else fresh)
+    or a checkpoint folder.
+    """
     # The stop handlers live only as long as the run: a caller that goes on (tests, a notebook, a driver that
     # evaluates next) must get SIGTERM's usual meaning back.
     previous = {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}
     try:
-        return _train(cfg, resume, stop_at_step)
+        accelerator = make_accelerator(cfg.train.precision, cfg.dist.timeout_s)
+        world = accelerator.num_processes
+        if launch_world_size() != world:
+            raise AdvcapError(f"the launcher started {launch_world_size()} processes but Accelerate sees {world}: "
+                              "check the launch config")
+        rundir = RunDir.of(cfg)
+        with rundir.held():
+            decision = agree("checking the run directory", lambda: prepare_run_dir(rundir, cfg, resume), main_only=True)
+            if decision == FINISHED:
+                log.info("%s is already finished with this config: nothing to do", rundir)
+                return FINISHED
+            return _train(cfg, accelerator, rundir, decision, stop_at_step)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
+def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at_step: int | None) -> str:
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    accelerator = make_accelerator(cfg.train.precision)
     world, rank = accelerator.num_processes, accelerator.process_index
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world:
-        raise AdvcapError(f"the launcher started {launched} processes but Accelerate sees {world}: check the launch config")
-    out = run_dir(cfg)
-    if resume == "auto":  # what a requeued or resubmitted job wants: continue if there is anything to continue
-        resume = "latest" if Checkpointer(out, 1, 1).latest() is not None else None
-    if prepare_run_dir(cfg, out, resume) == FINISHED:
-        log.info("%s is already finished with this config: nothing to do", out)
-        return FINISHED
-    accelerator.wait_for_everyone()
     per_rank, accum = per_rank_batch_size(cfg, world), grad_accum_steps(cfg, world)
     manifest = load_manifest(cfg.data.shards)
     tokenizer = resolve_tokenizer(cfg)
@@ -143,14 +161,14 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
         configure_deepspeed(accelerator, cfg.train.global_batch_size, per_rank, accum, cfg.train.grad_clip_norm)
     model, optimizer = accelerator.prepare(captioner, optimizer)
     driver = make_driver(accelerator, model, optimizer, cfg.train.grad_clip_norm)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
     attack_model = accelerator.unwrap_model(model)
     set_seed(cfg.train.seed, device_specific=True)  # dropout etc. differ per rank
 
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        (out / "parameters.json").write_text(json.dumps(counts, indent=1) + "\n")
+    def write_run_files() -> None:
+        rundir.write_config(cfg)
+        rundir.write_json(PARAMETERS, counts)
+
+    agree("writing config.yaml and parameters.json", write_run_files, main_only=True)
     record = provenance.collect(
         accelerator,
         global_batch_size=cfg.train.global_batch_size,
@@ -159,10 +177,11 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
         shard_manifest_sha256=manifest.sha256(),
         parameters=counts,
     )
-    checkpointer = Checkpointer(out, cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints)
-    state = checkpointer.load(accelerator, resume) if resume else TrainerState()
+    checkpointer = Checkpointer(rundir, cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints, accelerator,
+                                model, attack_model, optimizer, scheduler)
+    state = checkpointer.resume(resume) if resume else TrainerState()
     record["resumed_at_step"] = state.step
-    logger = TrainLogger(out, accelerator.is_main_process)
+    logger = TrainLogger(rundir.tensorboard_dir, accelerator.is_main_process)
     logger.hyperparameters(cfg, {"world_size": world, "per_rank_batch_size": per_rank, "grad_accum_steps": accum})
 
     stream = TrainStream(
@@ -179,6 +198,7 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
         # reduction (DeepSpeed: not the accumulation boundary), so each micro-batch costs 2 forwards + 2 backwards.
         scheme="reuse",
     )
+    nonfinite = NonFinitePolicy(cfg.train.max_nonfinite_steps)
     stop = StopRequest()
     stop.install()
     device = accelerator.device
@@ -188,11 +208,13 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
     model.train()
     log.info(
         "training %s: %d steps, global batch %d = %d ranks × %d × %d accumulation, mode %s, freeze %s",
-        out, cfg.train.steps, cfg.train.global_batch_size, world, per_rank, accum, cfg.train.mode, cfg.freeze.modules,
+        rundir, cfg.train.steps, cfg.train.global_batch_size, world, per_rank, accum, cfg.train.mode, cfg.freeze.modules,
     )
     while state.step < cfg.train.steps:
         micro = [next(batches) for _ in range(accum)]
         state.micro_batches += accum
+        if faults.active("train.batch", "nan", step=state.step + 1):
+            micro[0]["pixels"][0, 0, 0, 0] = float("nan")  # a NaN from the data, on this rank only
         local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
         global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=device), "sum").item()
         loss_scale = world / global_tokens
@@ -207,20 +229,10 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
                     loss_scale, backward, no_sync, sync=i == accum - 1, generator=generator,
                 )
             )
-        # One reduction, one host sync per step: [any non-finite loss here, stop requested here].
-        losses = [t for r in results for t in (r.clean_loss_sum, r.adv_loss_sum) if t is not None]
-        local_flags = torch.stack([
-            (~torch.isfinite(torch.stack(losses))).any().float(),
-            torch.tensor(float(stop.requested), device=device),
-        ])
-        nonfinite, stop_now = (accelerator.reduce(local_flags, "sum") > 0).tolist()
-        applied, grad_norm = driver.step(skip=bool(nonfinite))
-        if nonfinite:
-            state.nonfinite_steps += 1
-            state.nonfinite_in_a_row += 1
-            log.warning("step %d: non-finite loss on some rank: step skipped on all ranks (%d in a row)", state.step, state.nonfinite_in_a_row)
-        else:
-            state.nonfinite_in_a_row = 0
+        grad_norm = driver.grad_norm()
+        skip, stop_now = _agree_on_step(accelerator, results, grad_norm, stop)
+        applied, grad_norm = driver.step(skip=skip, grad_norm=grad_norm)
+        nonfinite.record(state, skipped=skip)
         if applied:
             scheduler.step()
         state.step += 1
@@ -231,39 +243,56 @@ def _train(cfg: Config, resume: str | None, stop_at_step: int | None) -> str:
             window = _Window(device)
         if cfg.train.image_log_every_steps and state.step % cfg.train.image_log_every_steps == 0:
             _log_examples(accelerator, logger, attack_model, tokenizer, micro[-1], results[-1], state.step, cfg)
-        if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-            path = checkpointer.save(accelerator, state)
+        if nonfinite.exhausted(state):
+            path = checkpointer.save(state)
             raise AdvcapError(
-                f"{state.nonfinite_in_a_row} non-finite (NaN/inf) losses in a row up to step {state.step}: "
+                f"{state.nonfinite_in_a_row} non-finite (NaN/inf) steps in a row up to step {state.step}: "
                 f"stopping (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); last state saved in {path}. "
                 "Lower train.lr or check the data."
             )
         if stop_now or state.step == stop_at_step:
-            checkpointer.save(accelerator, state)
+            checkpointer.save(state)
             log.warning("stopped at step %d on request; continue with --resume latest", state.step)
             logger.close()
             return STOPPED
         if checkpointer.due(state.step):
-            checkpointer.save(accelerator, state)
+            checkpointer.save(state)
 
-    if not checkpointer.due(state.step):
-        checkpointer.save(accelerator, state)
+    if state.step > record["resumed_at_step"] and not checkpointer.due(state.step):
+        checkpointer.save(state)  # the final state (not again when resumed from it)
     wall = time.perf_counter() - started
     record["weights_sha256"] = _check_ranks_agree(accelerator, attack_model)
-    if accelerator.is_main_process:
-        export_hf(attack_model, tokenizer, out / "hf")
-        state.finished = True
-        (out / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")
-        steps_here = cfg.train.steps - (record.get("resumed_at_step") or 0)
+    logger.close()
+
+    def finish() -> None:
+        rundir.replace_dir(rundir.export_dir.name, lambda folder: export_hf(attack_model, tokenizer, folder))
+        log.info("exported the captioner to %s", rundir.export_dir)
+        steps_here = cfg.train.steps - record["resumed_at_step"]
         record.update(
             wall_time_s=round(wall, 2),
             train_samples_per_s=round(steps_here * cfg.train.global_batch_size / max(wall, 1e-9), 2),
+            nonfinite_steps=state.nonfinite_steps,
         )
-        provenance.write(out / "provenance.json", record)
-    logger.close()
-    accelerator.wait_for_everyone()
-    log.info("finished %s in %.1f s", out, wall)
+        rundir.write_json(PROVENANCE, record)
+        state.finished = True
+        rundir.write_json(TRAINING_STATE, asdict(state))  # last: the run counts as finished from here on
+
+    agree("exporting the model and finishing the run", finish, main_only=True)
+    log.info("finished %s in %.1f s", rundir, wall)
     return FINISHED
+
+
+def _agree_on_step(accelerator, results, grad_norm, stop: StopRequest) -> tuple[bool, bool]:
+    """One reduction, one host sync per step: (skip: a non-finite loss or gradient norm on any rank,
+    stop: a stop request on any rank)."""
+    device = accelerator.device
+    losses = [t for r in results for t in (r.clean_loss_sum, r.adv_loss_sum) if t is not None]
+    bad = ~torch.isfinite(torch.stack(losses))
+    if grad_norm is not None:
+        bad = torch.cat([bad, ~torch.isfinite(grad_norm.reshape(1).to(device))])
+    local_flags = torch.stack([bad.any().float(), torch.tensor(float(stop.requested), device=device)])
+    skip, stop_now = (accelerator.reduce(local_flags, "sum") > 0).tolist()
+    return bool(skip), bool(stop_now)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -294,7 +323,7 @@ class _Window:
     def __init__(self, device):
         zero = torch.zeros((), device=device)
         self.clean, self.adv, self.zero = zero.clone(), zero.clone(), zero.clone()
-        self.clean_n = self.adv_n = self.zero_n = self.tokens = self.steps = self.bad_shards = 0
+        self.clean_n = self.adv_n = self.zero_n = self.tokens = self.steps = self.bad_shards = self.bad_samples = 0
         self.grad_norms: list[torch.Tensor] = []
         self.started = time.perf_counter()
 
@@ -308,16 +337,18 @@ class _Window:
                 self.adv, self.adv_n = self.adv + r.adv_loss_sum, self.adv_n + 1
             if r.zero_grad_fraction is not None:
                 self.zero, self.zero_n = self.zero + r.zero_grad_fraction, self.zero_n + 1
+        # Running counts of the stream (per rank and worker): the largest seen is this window's view.
         self.bad_shards = max([self.bad_shards] + [int(b.get("bad_shards", 0)) for b in micro])
+        self.bad_samples = max([self.bad_samples] + [int(b.get("bad_samples", 0)) for b in micro])
         if grad_norm is not None:
             self.grad_norms.append(torch.as_tensor(grad_norm).detach())
 
 
 def _log_window(accelerator, logger: TrainLogger, w: _Window, state: TrainerState, scheduler, cfg: Config) -> None:
     device = accelerator.device
-    counts = torch.tensor([w.tokens, w.zero_n, w.bad_shards], dtype=torch.float32, device=device)
+    counts = torch.tensor([w.tokens, w.zero_n, w.bad_shards, w.bad_samples], dtype=torch.float32, device=device)
     sums = torch.cat([torch.stack([w.clean, w.adv, w.zero]).float(), counts])
-    clean, adv, zero, tokens, zero_n, bad = accelerator.reduce(sums, "sum").tolist()
+    clean, adv, zero, tokens, zero_n, bad, bad_samples = accelerator.reduce(sums, "sum").tolist()
     elapsed = time.perf_counter() - w.started
     grad_norm = float(torch.stack(w.grad_norms).float().mean()) if w.grad_norms else None
     values = {
@@ -330,6 +361,7 @@ def _log_window(accelerator, logger: TrainLogger, w: _Window, state: TrainerStat
         "attack/zero_input_grad_fraction": zero / zero_n if zero_n else None,
         "train/nonfinite_steps": state.nonfinite_steps,
         "data/bad_shard_reads": bad,
+        "data/bad_samples": bad_samples,
     }
     logger.scalars(state.step, values)
     if accelerator.is_main_process:

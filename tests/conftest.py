@@ -51,6 +51,11 @@ def make_karpathy(root: Path, n_images: int, with_filepath: bool = False, seed: 
     return annotations, images_dir
 
 
+def metrics_of(run: Path) -> dict:
+    """{split: {condition: {...}}} of a run's evaluation record (metrics.json)."""
+    return json.loads((Path(run) / "metrics.json").read_text())["metrics"]
+
+
 @pytest.fixture
 def karpathy_set(tmp_path):
     return make_karpathy(tmp_path / "src", 24)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_karpathy
+from conftest import make_karpathy, metrics_of
 
 from advcap.ablation import RunState, plan_ablation, run_plan
 from advcap.cli import main
@@ -111,7 +111,7 @@ def test_micro_ablation_end_to_end(data, tmp_path, capsys):
     with open(out / "report" / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for phase in PHASES:
-        metrics = [json.loads((out / phase / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+        metrics = [metrics_of(out / phase / f"seed{s}") for s in (0, 1)]
         for split in ("train", "test"):
             for cond in ("clean", "fgsm", "blind"):
                 values = [m[split][cond]["bleu4"] for m in metrics]
@@ -122,16 +122,16 @@ def test_micro_ablation_end_to_end(data, tmp_path, capsys):
                 assert float(row["std"]) == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=1e-9)
     # transfer-fgsm: adv_train attacked with images crafted on the same seed's baseline; none for the baseline.
     for seed in (0, 1):
-        assert "transfer-fgsm" not in json.loads((out / "baseline" / f"seed{seed}" / "metrics.json").read_text())["test"]
-        adv = json.loads((out / "adv_train" / f"seed{seed}" / "metrics.json").read_text())
+        assert "transfer-fgsm" not in metrics_of(out / "baseline" / f"seed{seed}")["test"]
+        adv = metrics_of(out / "adv_train" / f"seed{seed}")
         assert adv["test"]["transfer-fgsm"]["images"] == 6
-        info = json.loads((out / "adv_train" / f"seed{seed}" / "evaluation.json").read_text())
+        info = json.loads((out / "adv_train" / f"seed{seed}" / "metrics.json").read_text())
         assert info["transfer_from"] == str(out / "baseline" / f"seed{seed}")
     assert {r["phase"] for r in rows if r["table"] == "summary" and r["condition"] == "transfer-fgsm"} == {"adv_train"}
     (diff_row,) = [r for r in rows if (r["table"], r["phase"], r["split"], r["condition"])
                    == ("difference", "adv_train - baseline", "test", "fgsm")]
-    per_seed = [json.loads((out / "adv_train" / f"seed{s}" / "metrics.json").read_text())["test"]["fgsm"]["bleu4"]
-                - json.loads((out / "baseline" / f"seed{s}" / "metrics.json").read_text())["test"]["fgsm"]["bleu4"]
+    per_seed = [metrics_of(out / "adv_train" / f"seed{s}")["test"]["fgsm"]["bleu4"]
+                - metrics_of(out / "baseline" / f"seed{s}")["test"]["fgsm"]["bleu4"]
                 for s in (0, 1)]
     assert float(diff_row["mean"]) == pytest.approx(sum(per_seed) / 2, abs=1e-9)
     assert (out / "report" / "bleu4_clean_vs_attacked.png").is_file()
@@ -167,7 +167,7 @@ def test_micro_ablation_end_to_end(data, tmp_path, capsys):
     assert capsys.readouterr().out.count("evaluated") == 4
     assert _mtimes(out, "trainer_state.json") == states
     for run in run_dirs:
-        assert set(json.loads((run / "metrics.json").read_text())["test"]) == {"clean", "fgsm@0.2"}
+        assert set(metrics_of(run)["test"]) == {"clean", "fgsm@0.2"}
         assert "- fgsm@0.2" in (run / "config.yaml").read_text()  # the record of what the metrics answer to
     main(new_eval)
     assert capsys.readouterr().out.count("skipped") == 4
@@ -230,7 +230,7 @@ def test_a_stop_during_evaluation_exits_75_and_the_next_call_evaluates(data, tmp
     stop_file.unlink()
     main(args)
     assert "baseline seed 0  evaluated" in capsys.readouterr().out
-    assert set(json.loads((run / "metrics.json").read_text())["test"]) == {"clean"}
+    assert set(metrics_of(run)["test"]) == {"clean"}
 
 
 @pytest.mark.slow
@@ -241,7 +241,7 @@ def test_parallel_runs_give_the_results_of_sequential_ones(data, tmp_path, capsy
         out = tmp_path / f"p{parallel}" / "toy"
         main(["ablation", "--phases", *PHASES, "--seeds", "0", "--out", str(out), "--parallel", str(parallel), *tiny(data)])
         results[parallel] = {
-            phase: (json.loads((out / phase / "seed0" / "metrics.json").read_text()),
+            phase: (metrics_of(out / phase / "seed0"),
                     json.loads((out / phase / "seed0" / "provenance.json").read_text())["weights_sha256"])
             for phase in PHASES
         }
@@ -256,5 +256,5 @@ def test_parallel_runs_train_the_transfer_source_first(data, tmp_path):
     results = run_plan(plan_ablation(PHASES, [0, 1], out, tiny(data, "[clean,transfer-fgsm]")), parallel=2)
     assert [r.status for r in results] == ["done"] * 4
     for seed in (0, 1):
-        metrics = json.loads((out / "adv_train" / f"seed{seed}" / "metrics.json").read_text())
+        metrics = metrics_of(out / "adv_train" / f"seed{seed}")
         assert metrics["test"]["transfer-fgsm"]["images"] == 6

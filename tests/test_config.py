@@ -18,12 +18,12 @@ from advcap.config import (
     load_config,
     parse_condition,
     per_rank_batch_size,
-    run_dir,
     save_config,
     shipped_configs,
     validate,
 )
 from advcap.errors import AdvcapError
+from advcap.rundir import run_path
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("baseline", "adversarial", "adv_train", "freeze_vit", "freeze_gpt", "freeze_gpt_xattn")
@@ -478,7 +478,7 @@ def test_world_size_must_be_positive():
 
 def test_run_dir():
     cfg = load_config("freeze_vit", ["run.out=/scratch/runs", "run.dataset=coco", "train.seed=2"])
-    assert run_dir(cfg) == Path("/scratch/runs/coco/freeze_vit/seed2")
+    assert run_path(cfg) == Path("/scratch/runs/coco/freeze_vit/seed2")
 
 
 # ---------------------------------------------------------------- packaging

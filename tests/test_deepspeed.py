@@ -13,13 +13,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import metrics_of
 import torch
 from test_train import BIN, REPO, S, _free_port, _run, data, fresh_captioner, load_export, overrides, scalars  # noqa: F401
 
-from advcap.config import load_config, run_dir
+from advcap.config import load_config
+from advcap.rundir import run_path, validate_checkpoint
 from advcap.distributed import configure_deepspeed
 from advcap.errors import AdvcapError
-from advcap.evaluate import load_checkpoint_weights
+from advcap.checkpoint import load_checkpoint_weights
 from advcap.freeze import parameter_group
 from advcap.train import EXIT_STOPPED
 
@@ -57,7 +59,7 @@ def runs(data, tmp_path_factory) -> dict[tuple[str, str], Path]:
             cfg_overrides = _overrides(data, root / engine)
             proc = _launch(engine, phase, cfg_overrides)
             assert proc.returncode == 0, f"{engine} {phase}:\n{proc.stderr[-4000:]}"
-            dirs[engine, phase] = run_dir(load_config(phase, cfg_overrides))
+            dirs[engine, phase] = run_path(load_config(phase, cfg_overrides))
     return dirs
 
 
@@ -123,12 +125,15 @@ def test_zero2_checkpoint_resumes_to_the_uninterrupted_run(runs, data, tmp_path)
     stopped = _launch("zero2", "adv_train", cfg_overrides, "--stop-at-step", "2")
     # torch's elastic launcher turns any non-zero rank exit into its own 1; the ranks' 75 shows in its report.
     assert stopped.returncode != 0 and f"exitcode: {EXIT_STOPPED}" in stopped.stderr, stopped.stderr[-4000:]
-    out = run_dir(load_config("adv_train", cfg_overrides))
+    out = run_path(load_config("adv_train", cfg_overrides))
     checkpoint = out / "checkpoints" / "step00000002"
-    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "pytorch_model").is_dir()
-    # Each rank's own files made it in before the directory was renamed into place.
-    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-    assert len(list((checkpoint / "pytorch_model").glob("*optim_states.pt"))) == 2  # one ZeRO partition per rank
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "zero").is_dir()
+    # Each rank's own files made it in before the checkpoint was committed, and the manifest lists them.
+    assert {p.name for p in (checkpoint / "rng").iterdir()} == {"rank0.json", "rank1.json"}
+    assert len(list((checkpoint / "zero").glob("*optim_states.pt"))) == 2  # one ZeRO partition per rank
+    assert validate_checkpoint(checkpoint) is None
+    listed = json.loads((checkpoint / "checkpoint.json").read_text())["files"]
+    assert {"rng/rank1.json", "model.safetensors", "trainer_state.json"} <= set(listed)
 
     resumed = _launch("zero2", "adv_train", cfg_overrides, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -140,7 +145,7 @@ def test_zero2_checkpoint_resumes_to_the_uninterrupted_run(runs, data, tmp_path)
 
 @pytest.mark.parametrize("phase", ["adv_train", "freeze_vit"])
 def test_a_zero2_checkpoint_loads_as_the_weights_of_its_step(runs, phase):
-    """`advcap eval --select best-val` reads kept checkpoints: under DeepSpeed, ZeRO partitions merged to fp32."""
+    """`advcap eval --select best-val` reads kept checkpoints: their model.safetensors, under DeepSpeed too."""
     zero, ddp = runs["zero2", phase], runs["ddp", phase]
     cfg = load_config(zero / "config.yaml")
 
@@ -161,10 +166,7 @@ def test_a_zero2_checkpoint_loads_as_the_weights_of_its_step(runs, phase):
 
 def test_a_checkpoint_without_weights_is_refused_by_name(tmp_path, runs):
     captioner = fresh_captioner(load_config(runs["zero2", "adv_train"] / "config.yaml"))
-    with pytest.raises(AdvcapError, match="holds no weights: neither model.safetensors .* nor pytorch_model/"):
-        load_checkpoint_weights(captioner, tmp_path)
-    (tmp_path / "pytorch_model").mkdir()
-    with pytest.raises(AdvcapError, match="is not a readable DeepSpeed ZeRO checkpoint"):
+    with pytest.raises(AdvcapError, match="holds no weights .model.safetensors is missing"):
         load_checkpoint_weights(captioner, tmp_path)
 
 
@@ -223,6 +225,6 @@ def test_the_ablation_trains_and_evaluates_under_zero2(data, tmp_path):
     assert proc.returncode == 0, "\n".join(errors[-40:]) + proc.stderr[-3000:]
     run = out / "freeze_vit" / "seed0"
     assert json.loads((run / "provenance.json").read_text())["distributed_type"] == "DEEPSPEED"
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = metrics_of(run)
     assert set(metrics["test"]) == {"clean", "fgsm"} and metrics["test"]["clean"]["images"] == 12
     assert proc.stdout.count("freeze_vit seed 0  done") == 1  # printed by rank 0 only

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import metrics_of
 
 from advcap.cli import main
 
@@ -31,7 +32,7 @@ def test_micro_demo_runs_every_stage_and_resumes_as_a_no_op(tmp_path, capsys, mo
     assert runs == ["adv_train/seed0", "adv_train/seed1", "baseline/seed0", "baseline/seed1"]
     conditions = {"clean", "fgsm", "pgd", "blind", "fgsm@0.05", "fgsm@0.2"}
     for run in runs:
-        metrics = json.loads((out / "runs" / run / "metrics.json").read_text())
+        metrics = metrics_of(out / "runs" / run)
         # transfer-fgsm: images crafted on the same seed's baseline (trained first), for the other phases
         assert set(metrics["test"]) == conditions | ({"transfer-fgsm"} if run.startswith("adv_train") else set())
     assert (out / "report" / "report.md").is_file() and (out / "report" / "report.csv").is_file()

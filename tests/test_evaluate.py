@@ -9,6 +9,8 @@ and blanking have something to change.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -24,11 +26,14 @@ from PIL import Image
 
 from advcap.bleu import corpus_bleu_scores
 from advcap.cli import main
-from advcap.config import load_config, run_dir
+from advcap.config import load_config
+from advcap.rundir import run_path
 from advcap.data.manifest import load_manifest
 from advcap.data.shardwriter import convert
 from advcap.errors import AdvcapError
-from advcap.evaluate import caption_labels, checkpoints, evaluate, load_checkpoint_weights, load_model
+from advcap.checkpoint import load_checkpoint_weights
+from advcap.evaluate import caption_labels, evaluate, load_model
+from advcap.rundir import RunDir
 from advcap.tokenizer import train_captions, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +80,7 @@ def run(tmp_path_factory) -> Path:
         "eval.max_new_tokens=8", "eval.pgd_steps=2", "eval.pgd_step_size=0.05",
         f"eval.conditions=[{','.join(CONDITIONS)}]",
     ]
-    out = run_dir(load_config(None, overrides))
+    out = run_path(load_config(None, overrides))
     # Transfer from the run itself: transfer-fgsm must then equal white-box fgsm exactly.
     cfg = load_config(None, [*overrides, f"eval.transfer_from={out}"])
     train(cfg)
@@ -86,13 +91,13 @@ def run(tmp_path_factory) -> Path:
 def evaluated(run) -> dict:
     """One in-process (1 rank) evaluation with the run's settings; the files' contents as they were written."""
     returned = evaluate(run)
+    record = json.loads((run / "metrics.json").read_text())
     return {
         "returned": returned,
-        "metrics_text": (run / "metrics.json").read_text(),
         "predictions_text": (run / "predictions.jsonl").read_text(),
-        "metrics": json.loads((run / "metrics.json").read_text()),
+        "metrics": record["metrics"],
         "predictions": [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()],
-        "info": json.loads((run / "evaluation.json").read_text()),
+        "record": record,
     }
 
 
@@ -127,9 +132,16 @@ def test_outputs_have_the_schema_and_the_split_counts(run, evaluated):
     assert [p["image_id"] for p in by_split(predictions, "test")] == [f"img_{i:03d}" for i in range(7, 48, 8)]
     train_ids = sorted(f"img_{i:03d}" for i in range(48) if i % 8 < 6)
     assert [p["image_id"] for p in by_split(predictions, "train")] == train_ids[:TRAIN_SUBSET]
-    assert evaluated["info"]["select"] == "final" and evaluated["info"]["step"] == STEPS
-    assert evaluated["info"]["conditions"]["fgsm@0.3"] == {"kind": "fgsm", "epsilon": 0.3}
-    assert evaluated["info"]["conditions"]["pgd"] == {"kind": "pgd", "epsilon": 0.05}  # attack.epsilon
+    assert evaluated["record"]["select"] == "final" and evaluated["record"]["step"] == STEPS
+    assert evaluated["record"]["conditions"]["fgsm@0.3"] == {"kind": "fgsm", "epsilon": 0.3}
+    assert evaluated["record"]["conditions"]["pgd"] == {"kind": "pgd", "epsilon": 0.05}  # attack.epsilon
+    # One record: the metrics with the settings, image counts and model digest they answer to.
+    record = evaluated["record"]
+    assert record["settings"] == dataclasses.asdict(load_config(run / "config.yaml").eval)
+    assert record["images"] == {split: {"evaluated": n, "expected": n} for split, n in expected.items()}
+    assert record["partial"] is False
+    assert record["model_sha256"] == json.loads((run / "provenance.json").read_text())["weights_sha256"]
+    assert record["predictions_sha256"] == hashlib.sha256(evaluated["predictions_text"].encode()).hexdigest()
 
 
 def test_bleu_in_metrics_is_recomputed_from_the_predictions(evaluated):
@@ -176,8 +188,8 @@ def test_caption_labels_keep_tokens_up_to_the_first_eos():
 
 def test_checkpoint_weights_load_into_the_exported_architecture(run):
     exported, _ = load_model(run)
-    kept = checkpoints(run)
-    assert [c.name for c in kept] == ["step00000040", "step00000060"]
+    kept, passed_over = RunDir(run).valid_checkpoints()
+    assert [c.name for c in kept] == ["step00000040", "step00000060"] and passed_over == []
     last, _ = load_model(run)
     load_checkpoint_weights(last, kept[-1])  # the final checkpoint is what hf/ exported
     assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), last.state_dict().values()))
@@ -189,7 +201,7 @@ def test_checkpoint_weights_load_into_the_exported_architecture(run):
 def test_best_val_evaluates_the_kept_checkpoint_with_the_best_val_bleu4(run, evaluated, tmp_path):
     copy = copy_run(run, tmp_path)
     metrics = evaluate(copy, select="best-val", conditions=["clean"], splits=["test"])
-    info = json.loads((copy / "evaluation.json").read_text())
+    info = json.loads((copy / "metrics.json").read_text())
     scores = info["val_bleu4"]
     assert set(scores) == {"step00000040", "step00000060"}
     best = max(scores, key=lambda name: (scores[name], name))
@@ -204,8 +216,8 @@ def test_best_val_evaluates_the_kept_checkpoint_with_the_best_val_bleu4(run, eva
 def test_pgd_can_target_the_models_own_clean_caption(run, tmp_path):
     copy = copy_run(run, tmp_path)
     metrics = evaluate(copy, conditions=["clean", "pgd"], splits=["test"], overrides=["eval.pgd_target=clean_caption"])
-    info = json.loads((copy / "evaluation.json").read_text())
-    assert info["pgd"]["target"] == "clean_caption" and info["overrides"] == ["eval.pgd_target=clean_caption"]
+    info = json.loads((copy / "metrics.json").read_text())
+    assert info["settings"]["pgd_target"] == "clean_caption" and info["overrides"] == ["eval.pgd_target=clean_caption"]
     assert metrics["test"]["pgd"]["images"] == 6
 
 
@@ -275,9 +287,9 @@ def test_two_ranks_give_the_same_metrics_and_predictions_as_one(run, evaluated, 
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (copy / "metrics.json").read_text() == evaluated["metrics_text"]
+    info = json.loads((copy / "metrics.json").read_text())
+    assert info["metrics"] == evaluated["metrics"] and info["images"] == evaluated["record"]["images"]
     assert (copy / "predictions.jsonl").read_text() == evaluated["predictions_text"]
-    info = json.loads((copy / "evaluation.json").read_text())
     assert info["world_size"] == 2
     # Both ranks did part of each split, and (no image twice, all images there) the parts are disjoint.
     assert info["images_per_rank"] == {"test": [4, 2], "train": [6, 4]}

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from advcap.cli import main
-from advcap.config import load_config, run_dir, save_config
+from advcap.config import load_config, save_config
+from advcap.rundir import run_path
 from advcap.errors import AdvcapError
 from advcap.report import EPSILON_CONVENTION, build_report, write_report
 
@@ -18,7 +20,7 @@ def make_run(root: Path, phase: str, seed: int, test: dict | None, train: dict |
              provenance: dict | None = None, overrides: tuple[str, ...] = ()) -> Path:
     """A run dir under root (= runs/<dataset>) as train + evaluate leave it; `test`/`train`: condition → BLEU-4."""
     cfg = load_config(phase, [*overrides, f"train.seed={seed}", f"run.out={root.parent}", f"run.dataset={root.name}"])
-    out = run_dir(cfg)
+    out = run_path(cfg)
     save_config(cfg, out / "config.yaml")
     if provenance is not None:
         (out / "provenance.json").write_text(json.dumps(provenance))
@@ -28,7 +30,10 @@ def make_run(root: Path, phase: str, seed: int, test: dict | None, train: dict |
             if scores is not None:
                 metrics[split] = {c: {"bleu1": 0.9, "bleu2": 0.8, "bleu3": 0.7, "bleu4": v, "images": 6}
                                   for c, v in scores.items()}
-        (out / "metrics.json").write_text(json.dumps(metrics))
+        record = {"metrics": metrics, "settings": dataclasses.asdict(cfg.eval), "partial": False,
+                  "images": {split: {"evaluated": 6, "expected": 6} for split in metrics},
+                  "model_sha256": (provenance or {}).get("weights_sha256")}
+        (out / "metrics.json").write_text(json.dumps(record))
     return out
 
 
@@ -122,7 +127,8 @@ def test_report_numbers_match_hand_computed_values(ablation_dir, tmp_path):
     assert "freeze_vit seed2: no metrics.json" in md
     assert "0.600 ± 0.100" in report.main_table  # baseline test clean
     freeze_vit_row = [c.strip() for c in report.main_table.splitlines()[4].split("|")[1:-1]]
-    assert freeze_vit_row[:2] == ["freeze_vit", "2"] and freeze_vit_row[-1] == "0.330 ± 0.042"  # test fgsm, n=2
+    # Two of the three seeds asked for: the table and every mean say so.
+    assert freeze_vit_row[:2] == ["freeze_vit", "2 of 3"] and freeze_vit_row[-1] == "0.330 ± 0.042 (n=2)"  # test fgsm
     assert "+0.080 ± 0.028" in md  # adv_train − freeze_vit, test fgsm
     # The paper's phase order, then others.
     table = report.main_table.splitlines()

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_karpathy
+from conftest import make_karpathy, metrics_of
 
 from advcap.model import Captioner
 from advcap.train import weights_digest
@@ -92,7 +92,7 @@ def test_ablation_array_runs_every_task_then_the_report(slurm_cluster, data, tmp
     with open(runs / "report" / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for phase in PHASES:
-        metrics = [json.loads((runs / phase / f"seed{s}" / "metrics.json").read_text()) for s in SEEDS]
+        metrics = [metrics_of(runs / phase / f"seed{s}") for s in SEEDS]
         prov = json.loads((runs / phase / "seed0" / "provenance.json").read_text())
         assert prov["slurm"]["array_job_id"] == job and prov["launcher"].startswith("slurm")
         for condition in ("clean", "fgsm", "blind"):
