@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from advcap import faults
 from advcap.errors import AdvcapError
 from advcap.stopping import Stopped
 
@@ -383,13 +384,14 @@ def _run_parallel(plan: Sequence[PlannedRun], parallel: int) -> list[RunResult]:
                 busy = [w for w in workers if w.task is not None]
                 wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
                 for worker in busy:
-                    if worker.conn.poll():
+                    if not worker.conn.poll() and worker.process.is_alive():
+                        continue
+                    try:
                         result = worker.conn.recv()
-                    elif not worker.process.is_alive():
+                    except (EOFError, OSError):  # the worker's end closed: it died
+                        worker.process.join(timeout=10)
                         result = worker.died()
                         workers.remove(worker)
-                    else:
-                        continue
                     worker.task = None
                     done[result.run_dir] = result
                     _log_result(len(done), len(plan), result)
@@ -427,6 +429,7 @@ def _run_one(planned: PlannedRun, failed_dirs: set[Path]) -> tuple[str, str]:
         # evaluates with `cfg.eval` as given; config.yaml records them only once the metrics that answer
         # to them are written.
         evaluate(planned.run_dir, settings=cfg.eval)
+        faults.point("ablation.evaluated")
         _record_eval_settings(rundir, cfg)
     return ("done" if planned.state != RunState.EVALUATE else "evaluated"), ""
 

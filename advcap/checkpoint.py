@@ -19,6 +19,7 @@ payload — is refused with an error naming the file and the global, and nothing
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import random
@@ -120,7 +121,8 @@ def check_no_code(checkpoint: Path) -> None:
 
 
 def weights_only_checkpoint_engine(engine: Any) -> None:
-    """Make a DeepSpeed engine read its checkpoints with `safe_torch_load` (it would use weights_only=False)."""
+    """Make a DeepSpeed engine read its checkpoints with `safe_torch_load` (it would use weights_only=False),
+    and write them through Python file objects (so that a full disk is an OSError)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     current = engine.checkpoint_engine
@@ -133,6 +135,10 @@ def weights_only_checkpoint_engine(engine: Any) -> None:
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location: Any = None) -> Any:
             return safe_torch_load(path, map_location=map_location)
+
+        def save(self, state_dict: Any, path: str) -> None:
+            with open(path, "wb") as f:  # a file object: a full disk is an OSError, not a RuntimeError
+                torch.save(state_dict, f, _use_new_zipfile_serialization=self.zipfile_serialization)
 
     safe = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine)
     safe.__dict__.update(current.__dict__)  # the same settings (serialization format, name)
@@ -200,9 +206,8 @@ class Checkpointer:
             # Collective inside DeepSpeed (barriers): a rank that fails here ends the job.
             self.model.save_checkpoint(str(tmp), tag=ZERO_TAG, client_state={}, save_latest=False)
         agree("writing the checkpoint", lambda: self._write_files(tmp, state))
-        protected = [self.resumed_from] if self.resumed_from is not None else []
         final = agree("committing the checkpoint",
-                      lambda: self.rundir.commit_checkpoint(tmp, state.step, self.keep, protected), main_only=True)
+                      lambda: self.rundir.commit_checkpoint(tmp, state.step, self.keep), main_only=True)
         if acc.is_main_process:
             log.info("checkpoint saved: %s", final)
         return final
@@ -219,7 +224,8 @@ class Checkpointer:
         save_weights(self.unwrapped, tmp / MODEL_FILE)
         faults.point("checkpoint.mid_write", step=state.step)
         if not self.deepspeed:
-            torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            with _naming(tmp / OPTIMIZER_FILE), open(tmp / OPTIMIZER_FILE, "wb") as f:
+                torch.save(self.optimizer.state_dict(), f)  # to a file object: a full disk is an OSError
         record = {**asdict(state), "scheduler": self.scheduler.state_dict(), "world_size": acc.num_processes}
         atomic.write_text(tmp / TRAINING_STATE, json.dumps(record, indent=1) + "\n")
 
@@ -287,7 +293,7 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     """The model's state dict as safetensors, each tensor once. Tied weights (the same view twice: GPT-2's
     lm_head and token embedding) are saved under their first name; a parameter that is a view into a larger
     buffer (DeepSpeed's flat partitions) is copied out."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors, seen = {}, set()
     for name, tensor in model.state_dict().items():
@@ -296,7 +302,19 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
             continue
         seen.add(key)
         tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
-    save_file(tensors, str(path))
+    with _naming(path), open(path, "wb") as f:  # written by Python: a full disk is an OSError
+        f.write(save(tensors))
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Any:
+    """An OSError from writing through a file object names no file: name `path`."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
 
 
 

@@ -116,11 +116,13 @@ def agree(what: str, fn: Callable[[], T], main_only: bool = False) -> T:
         except Exception as err:  # noqa: BLE001 — every failure must be agreed on before anyone goes on
             error = err
     if world == 1:
-        if isinstance(error, OSError) and error.errno in NAMED_OS_ERRORS:
-            raise RankFailure(f"{what} failed: {describe_error(error)}") from error
-        if error is not None:
+        if error is None:
+            return result
+        if isinstance(error, AdvcapError):
             raise error
-        return result
+        if not isinstance(error, OSError):
+            log.error("%s failed", what, exc_info=error)
+        raise RankFailure(f"{what} failed: {describe_error(error)}") from error
     report = None if error is None else describe_error(error)
     reports: list = [None] * world
     dist.all_gather_object(reports, (report, result if main_only and main else None))
@@ -131,6 +133,82 @@ def agree(what: str, fn: Callable[[], T], main_only: bool = False) -> T:
         names = "; ".join(f"rank {rank}: {message}" for rank, message in failed)
         raise RankFailure(f"{what} failed on {names}") from error
     return reports[0][1] if main_only else result
+
+
+# ---------------------------------------------------------------- a rank that stops answering
+
+
+class Heartbeat:
+    """Each rank records how far it got in the launcher's rendezvous store (a TCPStore at MASTER_ADDR:PORT,
+    which torchrun's agent hosts), so that when a collective fails the ranks still alive can name the rank(s)
+    that stopped answering. One small store write per beat; a no-op when run alone."""
+
+    PREFIX = "advcap/heartbeat/"
+
+    def __init__(self, rank: int, world: int, timeout_s: int):
+        self.rank, self.world, self.store = rank, world, None
+        if world > 1 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+            import torch.distributed as dist
+
+            try:
+                self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                           timeout=timedelta(seconds=min(timeout_s, 30)))
+            except (RuntimeError, ValueError) as err:
+                log.debug("no heartbeat store: %s", err)
+
+    def beat(self, where: str) -> None:
+        if self.store is not None:
+            import time
+
+            self.store.set(f"{self.PREFIX}{self.rank}", f"{time.time():.1f} {where}")
+
+    def silent_ranks(self) -> str:
+        """Who stopped answering, as far as the store tells: ranks whose last beat is the oldest."""
+        if self.store is None:
+            return "the other rank(s)"
+        import time
+
+        seen = {}
+        for rank in range(self.world):
+            if rank == self.rank:
+                continue
+            try:
+                stamp, _, where = self.store.get(f"{self.PREFIX}{rank}").decode().partition(" ")
+                seen[rank] = (float(stamp), where)
+            except Exception:  # noqa: BLE001 — a rank that never beat, or a store that is gone
+                seen[rank] = (0.0, "never")
+        if not seen:
+            return "the other rank(s)"
+        oldest = min(stamp for stamp, _ in seen.values())
+        now = time.time()
+        return ", ".join(
+            f"rank {rank} (last seen {where}, {now - stamp:.0f} s ago)" if stamp else f"rank {rank} (never seen)"
+            for rank, (stamp, where) in sorted(seen.items()) if stamp <= oldest + 1.0
+        )
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """A collective that timed out or lost a peer (gloo raises plain RuntimeErrors, NCCL DistBackendError)."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and (
+        "gloo" in text or "Connection reset" in text or "Connection closed" in text or "Timed out" in text))
+
+
+@contextlib.contextmanager
+def collectives_guarded(heartbeat: Heartbeat, what: str, timeout_s: int, resume_hint: str) -> Any:
+    """Turn a collective that timed out or lost a peer into one clear error naming the silent rank(s)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not is_collective_failure(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AdvcapError(
+            f"rank {heartbeat.rank}: {heartbeat.silent_ranks()} stopped answering during {what} (dist.timeout_s="
+            f"{timeout_s}; {first}). The job ends here. {resume_hint}"
+        ) from None
 
 
 def deepspeed_launch() -> bool:

@@ -424,13 +424,18 @@ def evaluate(
 
         # The run's precision: after training in the same process, Accelerate's state must not change.
         accelerator = make_accelerator(cfg.train.precision, cfg.dist.timeout_s)
-    with rundir.held():
+    from advcap.distributed import Heartbeat, collectives_guarded
+
+    heartbeat = Heartbeat(accelerator.process_index, accelerator.num_processes, cfg.dist.timeout_s)
+    hint = "Nothing of this evaluation was written: run it again."
+    with rundir.held(), collectives_guarded(heartbeat, f"the evaluation of {rundir}", cfg.dist.timeout_s, hint):
         return _evaluate(rundir, cfg, select, conds, splits, settings_used, needs_transfer, manifest, accelerator, stop,
-                         overrides)
+                         overrides, heartbeat)
 
 
 def _evaluate(rundir: RunDir, cfg: Config, select: str, conds: list[Condition], splits: list[str], settings_used: dict,
-              needs_transfer: bool, manifest: Any, accelerator: Any, stop: StopRequest, overrides: Sequence[str]) -> dict:
+              needs_transfer: bool, manifest: Any, accelerator: Any, stop: StopRequest, overrides: Sequence[str],
+              heartbeat: Any) -> dict:
     """The evaluation proper, with the run directory held (see evaluate)."""
     from accelerate.utils import gather_object
 
@@ -447,7 +452,9 @@ def _evaluate(rundir: RunDir, cfg: Config, select: str, conds: list[Condition], 
     names = [c.name for c in conds]
     for split in splits:
         log.info("evaluating %s on %s: %s", rundir, split, ", ".join(names))
+        heartbeat.beat(f"evaluating {split}")
         local = _caption_split(batch_captioner, cfg, manifest, split, conds, accelerator, stop)
+        heartbeat.beat(f"gathering {split}")
         per_rank[split] = gather_object([len(local)])
         expected = _expected_images(manifest, cfg, split)
         split_records = _gather(accelerator, local, expected, split, cfg.eval.allow_partial)

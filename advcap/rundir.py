@@ -401,9 +401,9 @@ class RunDir:
         tmp.mkdir(parents=True)
         return tmp
 
-    def commit_checkpoint(self, tmp: Path, step: int, keep: int, protected: Sequence[Path] = ()) -> Path:
+    def commit_checkpoint(self, tmp: Path, step: int, keep: int) -> Path:
         """Make the checkpoint written into `tmp` the committed `stepN` (main process, after every rank
-        finished writing), then prune to the newest `keep` (never a folder in `protected`)."""
+        finished writing), then prune to the newest `keep` valid ones."""
         from advcap import faults
 
         files = {}
@@ -425,17 +425,19 @@ class RunDir:
         tmp.rename(final)
         atomic.fsync_dir(self.checkpoints_dir)
         shutil.rmtree(old, ignore_errors=True)
-        self._prune(keep, {Path(p).name for p in protected} | {final.name})
+        self._prune(keep)
         return final
 
-    def _prune(self, keep: int, protected: set[str]) -> None:
-        """Remove all but the newest `keep` valid checkpoints (and invalid ones older than those)."""
-        valid = [p for p in reversed(self.checkpoint_dirs()) if validate_checkpoint(p) is None]
+    def _prune(self, keep: int) -> None:
+        """Remove all but the newest `keep` committed checkpoints (and incomplete ones older than those). The
+        newest was checked as it was committed, so a valid one always remains; the others are not hashed again
+        (re-reading gigabytes at every save), only required to have their manifest."""
+        valid = [p for p in reversed(self.checkpoint_dirs()) if (p / CHECKPOINT_MANIFEST).is_file()]
         if len(valid) <= keep:
             return
         oldest_kept = valid[keep - 1].name
         for path in self.checkpoint_dirs():
-            if path.name < oldest_kept and path.name not in protected:
+            if path.name < oldest_kept:
                 shutil.rmtree(path, ignore_errors=True)
 
     def latest_valid_checkpoint(self) -> tuple[Optional[Path], list[PassedOver]]:

@@ -26,7 +26,8 @@ from advcap.checkpoint import Checkpointer, TrainerState
 from advcap.config import Config, grad_accum_steps, per_rank_batch_size
 from advcap.data.loader import TrainStream, make_loader
 from advcap.data.manifest import load_manifest
-from advcap.distributed import agree, configure_deepspeed, launch_world_size, make_accelerator, make_driver
+from advcap.distributed import (Heartbeat, agree, collectives_guarded, configure_deepspeed, launch_world_size,
+                                make_accelerator, make_driver)
 from advcap.errors import AdvcapError
 from advcap.freeze import apply_freeze, trainable_parameters
 from advcap.model import build_captioner, decode_captions, export_hf, tokenizer_source
@@ -104,11 +105,12 @@ class NonFinitePolicy:
     limit: int
 
     def record(self, state: TrainerState, skipped: bool) -> None:
+        """Count the step that was just taken (state.step + 1) as skipped or not."""
         if skipped:
             state.nonfinite_steps += 1
             state.nonfinite_in_a_row += 1
             log.warning("step %d: non-finite loss or gradient norm on some rank: step skipped on all ranks "
-                        "(%d in a row)", state.step, state.nonfinite_in_a_row)
+                        "(%d in a row)", state.step + 1, state.nonfinite_in_a_row)
         else:
             state.nonfinite_in_a_row = 0
 
@@ -132,18 +134,21 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
             raise AdvcapError(f"the launcher started {launch_world_size()} processes but Accelerate sees {world}: "
                               "check the launch config")
         rundir = RunDir.of(cfg)
-        with rundir.held():
+        heartbeat = Heartbeat(accelerator.process_index, world, cfg.dist.timeout_s)
+        hint = "The last checkpoint is intact: run the same command with --resume auto to go on."
+        with rundir.held(), collectives_guarded(heartbeat, f"training {rundir}", cfg.dist.timeout_s, hint):
             decision = agree("checking the run directory", lambda: prepare_run_dir(rundir, cfg, resume), main_only=True)
             if decision == FINISHED:
                 log.info("%s is already finished with this config: nothing to do", rundir)
                 return FINISHED
-            return _train(cfg, accelerator, rundir, decision, stop_at_step)
+            return _train(cfg, accelerator, rundir, decision, stop_at_step, heartbeat)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at_step: int | None) -> str:
+def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at_step: int | None,
+           heartbeat: Heartbeat) -> str:
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -211,10 +216,13 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         rundir, cfg.train.steps, cfg.train.global_batch_size, world, per_rank, accum, cfg.train.mode, cfg.freeze.modules,
     )
     while state.step < cfg.train.steps:
+        heartbeat.beat(f"at step {state.step + 1}")
+        faults.point("train.step", step=state.step + 1)
         micro = [next(batches) for _ in range(accum)]
         state.micro_batches += accum
-        if faults.active("train.batch", "nan", step=state.step + 1):
-            micro[0]["pixels"][0, 0, 0, 0] = float("nan")  # a NaN from the data, on this rank only
+        poisoned = None
+        if faults.active("train.loss", "nan", step=state.step + 1):  # a NaN loss on this rank only, this step
+            poisoned = attack_model.register_forward_hook(lambda module, inputs, loss: loss * float("nan"))
         local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
         global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=device), "sum").item()
         loss_scale = world / global_tokens
@@ -229,6 +237,8 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
                     loss_scale, backward, no_sync, sync=i == accum - 1, generator=generator,
                 )
             )
+        if poisoned is not None:
+            poisoned.remove()
         grad_norm = driver.grad_norm()
         skip, stop_now = _agree_on_step(accelerator, results, grad_norm, stop)
         applied, grad_norm = driver.step(skip=skip, grad_norm=grad_norm)
@@ -302,7 +312,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return digest.hexdigest()
 
 

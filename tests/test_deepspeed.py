@@ -1,8 +1,9 @@
-"""DeepSpeed ZeRO against DDP, on 2 real gloo ranks: `accelerate launch` with the shipped launcher configs.
+"""DeepSpeed ZeRO-1 and ZeRO-2 against DDP, on 2 real gloo ranks: `accelerate launch` with the shipped launcher configs.
 
-For each freeze policy, `mixed` training (FGSM inside the step, 2 micro-batches of accumulation) under ZeRO-2,
-and `adversarial` training, give the losses and weights of DDP; frozen parameters stay bit-identical; a ZeRO-2 run stopped at a
-checkpoint and resumed ends where the uninterrupted one does. The config checks (ZeRO-3 refused, the
+For each freeze policy (freeze_gpt_xattn included), `mixed` training (FGSM inside the step, 2 micro-batches of
+accumulation) under ZeRO-2, `adversarial` training, and full training under ZeRO-1 give the losses and weights of
+DDP; frozen parameters stay bit-identical; ZeRO-1 and ZeRO-2 runs stopped at a checkpoint and resumed end where
+the uninterrupted ones do. The config checks (ZeRO-3 refused, the
 DeepSpeed JSON's "auto" values filled from advcap's YAML, conflicts refused) run on a real DeepSpeedPlugin.
 """
 
@@ -32,8 +33,11 @@ POLICIES = {  # phase → which parameters train
     "adv_train": lambda name: True,
     "freeze_vit": lambda name: parameter_group(name) != "encoder",
     "freeze_gpt": lambda name: parameter_group(name) == "encoder",
+    "freeze_gpt_xattn": lambda name: parameter_group(name) in ("encoder", "cross_attention"),
 }
-ENGINES = {"ddp": "ddp.yaml", "zero2": "zero2.yaml"}
+ENGINES = {"ddp": "ddp.yaml", "zero1": "zero1.yaml", "zero2": "zero2.yaml"}
+# Every policy under DDP and ZeRO-2; ZeRO-1 (which partitions only the optimizer state) for full training.
+TRAINED = [(engine, phase) for engine in ("ddp", "zero2") for phase in POLICIES] + [("zero1", "adv_train")]
 STEPS = 4
 
 
@@ -51,15 +55,14 @@ def _launch(engine: str, phase: str, cfg_overrides: list[str], *flags: str):
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    """Every (engine, phase) trained once; the run dirs."""
+    """Every (engine, phase) of TRAINED trained once; the run dirs."""
     root = tmp_path_factory.mktemp("engines")
     dirs = {}
-    for engine in ENGINES:
-        for phase in POLICIES:
-            cfg_overrides = _overrides(data, root / engine)
-            proc = _launch(engine, phase, cfg_overrides)
-            assert proc.returncode == 0, f"{engine} {phase}:\n{proc.stderr[-4000:]}"
-            dirs[engine, phase] = run_path(load_config(phase, cfg_overrides))
+    for engine, phase in TRAINED:
+        cfg_overrides = _overrides(data, root / engine)
+        proc = _launch(engine, phase, cfg_overrides)
+        assert proc.returncode == 0, f"{engine} {phase}:\n{proc.stderr[-4000:]}"
+        dirs[engine, phase] = run_path(load_config(phase, cfg_overrides))
     return dirs
 
 
@@ -70,11 +73,11 @@ def _losses(out: Path) -> dict[str, list[float]]:
     return {tag: [value for _, value in series[tag]] for tag in tags}
 
 
-@pytest.mark.parametrize("phase", list(POLICIES))
-def test_zero2_trains_like_ddp(runs, phase):
-    ddp, zero = runs["ddp", phase], runs["zero2", phase]
+@pytest.mark.parametrize("engine, phase", [(e, p) for e, p in TRAINED if e != "ddp"])
+def test_zero_trains_like_ddp(runs, engine, phase):
+    ddp, zero = runs["ddp", phase], runs[engine, phase]
     prov = json.loads((zero / "provenance.json").read_text())
-    assert (prov["distributed_type"], prov["zero_stage"], prov["world_size"]) == ("DEEPSPEED", 2, 2)
+    assert (prov["distributed_type"], prov["zero_stage"], prov["world_size"]) == ("DEEPSPEED", int(engine[-1]), 2)
     assert (prov["per_rank_batch_size"], prov["grad_accum_steps"]) == (4, 2)
     assert json.loads((ddp / "provenance.json").read_text())["distributed_type"] == "MULTI_CPU"
 
@@ -120,9 +123,10 @@ def test_frozen_parameters_stay_bit_identical_under_zero2(runs, phase):
     assert (counts["total"]["frozen"] > 0) == freezes
 
 
-def test_zero2_checkpoint_resumes_to_the_uninterrupted_run(runs, data, tmp_path):
+@pytest.mark.parametrize("engine", ["zero1", "zero2"])
+def test_a_zero_checkpoint_resumes_to_the_uninterrupted_run(runs, data, tmp_path, engine):
     cfg_overrides = _overrides(data, tmp_path)
-    stopped = _launch("zero2", "adv_train", cfg_overrides, "--stop-at-step", "2")
+    stopped = _launch(engine, "adv_train", cfg_overrides, "--stop-at-step", "2")
     # torch's elastic launcher turns any non-zero rank exit into its own 1; the ranks' 75 shows in its report.
     assert stopped.returncode != 0 and f"exitcode: {EXIT_STOPPED}" in stopped.stderr, stopped.stderr[-4000:]
     out = run_path(load_config("adv_train", cfg_overrides))
@@ -135,12 +139,12 @@ def test_zero2_checkpoint_resumes_to_the_uninterrupted_run(runs, data, tmp_path)
     listed = json.loads((checkpoint / "checkpoint.json").read_text())["files"]
     assert {"rng/rank1.json", "model.safetensors", "trainer_state.json"} <= set(listed)
 
-    resumed = _launch("zero2", "adv_train", cfg_overrides, "--resume", "latest")
+    resumed = _launch(engine, "adv_train", cfg_overrides, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert json.loads((out / "provenance.json").read_text())["resumed_at_step"] == 2
-    reference = json.loads((runs["zero2", "adv_train"] / "provenance.json").read_text())["weights_sha256"]
+    reference = json.loads((runs[engine, "adv_train"] / "provenance.json").read_text())["weights_sha256"]
     assert json.loads((out / "provenance.json").read_text())["weights_sha256"] == reference
-    assert _losses(out)["train/clean_loss"][-2:] == _losses(runs["zero2", "adv_train"])["train/clean_loss"][-2:]
+    assert _losses(out)["train/clean_loss"][-2:] == _losses(runs[engine, "adv_train"])["train/clean_loss"][-2:]
 
 
 @pytest.mark.parametrize("phase", ["adv_train", "freeze_vit"])
