@@ -68,6 +68,7 @@ class RunResult:
     status: str  # "done" (trained + evaluated) | "evaluated" | "skipped" | "refused" | "failed" | "stopped"
     wall_time_s: float
     error: str = ""
+    progress: bool = False  # it left something durable this time: a checkpoint, a trained model, metrics
 
     @property
     def ok(self) -> bool:
@@ -274,10 +275,11 @@ def _run_and_time(planned: PlannedRun, failed_dirs: set[Path]) -> RunResult:
     from advcap.distributed import RankFailure, launch_rank, launch_world_size
 
     started = time.perf_counter()
+    progress = False
     try:
-        status, error = _run_one(planned, failed_dirs)
+        status, error, progress = _run_one(planned, failed_dirs)
     except Stopped as err:
-        status, error = "stopped", f"{err} (the trained model is kept and evaluated next time)"
+        status, error = "stopped", str(err)
     except RankFailure as err:
         status, error = "failed", str(err)
     except Exception as err:  # noqa: BLE001 — alone, any failure of one run is reported and the rest goes on
@@ -289,7 +291,8 @@ def _run_and_time(planned: PlannedRun, failed_dirs: set[Path]) -> RunResult:
         status, error = "failed", str(err) or type(err).__name__
         if not isinstance(err, AdvcapError):
             log.exception("%s seed %d failed", planned.phase, planned.seed)
-    return RunResult(planned.phase, planned.seed, planned.run_dir, status, time.perf_counter() - started, error)
+    return RunResult(planned.phase, planned.seed, planned.run_dir, status, time.perf_counter() - started, error,
+                     progress)
 
 
 def _log_result(i: int, n: int, result: RunResult) -> None:
@@ -404,34 +407,42 @@ def _run_parallel(plan: Sequence[PlannedRun], parallel: int) -> list[RunResult]:
     return [done[p.run_dir] for p in plan if p.run_dir in done]
 
 
-def _run_one(planned: PlannedRun, failed_dirs: set[Path]) -> tuple[str, str]:
+def _run_one(planned: PlannedRun, failed_dirs: set[Path]) -> tuple[str, str, bool]:
     """Train (if needed) and evaluate one planned run, holding its run directory throughout.
-    Returns (status, error)."""
+    Returns (status, error, progress: whether this left anything durable: a checkpoint, a model, metrics)."""
     from advcap.evaluate import evaluate
     from advcap.rundir import RunDir
-    from advcap.train import FINISHED, train
+    from advcap.train import STOPPED, STOPPED_NO_PROGRESS, train
 
     cfg = planned.config
     if planned.state == RunState.CONFLICT:
-        return "refused", planned.detail + "; it is never reused: choose another --out or remove that run"
+        return "refused", planned.detail + "; it is never reused: choose another --out or remove that run", False
     source = cfg.eval.transfer_from
     if TRANSFER in cfg.eval.conditions and source and Path(source) in failed_dirs:
-        return "refused", f"not evaluated: {TRANSFER} needs the model of {source}, which failed"
+        return "refused", f"not evaluated: {TRANSFER} needs the model of {source}, which failed", False
     rundir = RunDir(planned.run_dir)
+    trained = False
     with rundir.held():
         if planned.state == RunState.FINISHED:
             _record_eval_settings(rundir, cfg)  # a kill may have come between the metrics and config.yaml
-            return "skipped", ""
+            return "skipped", "", False
         if planned.state in (RunState.NEW, RunState.RESUME):
-            if train(cfg, resume="auto") != FINISHED:
-                return "stopped", "training stopped on request (a checkpoint was saved)"
+            outcome = train(cfg, resume="auto")
+            if outcome == STOPPED:
+                return "stopped", "training stopped on request (a checkpoint was saved)", True
+            if outcome == STOPPED_NO_PROGRESS:
+                return "stopped", "training stopped on request before its first step", False
+            trained = True
         # Evaluation settings may have changed since training (they do not touch the model). Every rank
         # evaluates with `cfg.eval` as given; config.yaml records them only once the metrics that answer
         # to them are written.
-        evaluate(planned.run_dir, settings=cfg.eval)
+        try:
+            evaluate(planned.run_dir, settings=cfg.eval)
+        except Stopped as err:
+            return "stopped", f"{err} (the trained model is kept and evaluated next time)", trained
         faults.point("ablation.evaluated")
         _record_eval_settings(rundir, cfg)
-    return ("done" if planned.state != RunState.EVALUATE else "evaluated"), ""
+    return ("done" if planned.state != RunState.EVALUATE else "evaluated"), "", True
 
 
 def _record_eval_settings(rundir: Any, cfg: Any) -> None:
@@ -504,8 +515,10 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
     bad = [r for r in results if not r.ok]
     not_started = len(plan) - len(results)
     if any(r.status == "stopped" for r in results):
-        # Preemption or a time limit, not a failure: exit EXIT_STOPPED so that a SLURM task requeues itself.
-        raise Stopped(f"stopped on request with {len(plan) - len(results) + len(bad)} of {len(plan)} runs not done")
+        # Preemption or a time limit, not a failure: exit EXIT_STOPPED so that a SLURM task requeues itself, unless
+        # nothing durable came of this start (then a requeue would only repeat it).
+        raise Stopped(f"stopped on request with {len(plan) - len(results) + len(bad)} of {len(plan)} runs not done",
+                      progress=any(r.progress for r in results))
     if bad or not_started:
         names = ", ".join(f"{r.phase}/seed{r.seed} ({r.status})" for r in bad)
         more = f"; {not_started} not started" if not_started else ""

@@ -13,7 +13,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 TEMP_MARK = ".tmp-"  # temporary files are `.<name>.tmp-<random>` beside their destination
 
@@ -83,6 +83,35 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Replace `path` with `text` (UTF-8), atomically and durably."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def replace_dir(final: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """Replace the folder `final` whole: `write(folder)` fills a new one beside it, which is fsynced and
+    swapped in; an old `final` is removed only after. A kill leaves the old folder or the new one (and
+    maybe a `.<name>.tmp-new` / `.<name>.old-prev` beside it, which the next call clears)."""
+    import shutil
+
+    final = Path(final)
+    tmp, old = final.with_name(f".{final.name}{TEMP_MARK}new"), final.with_name(f".{final.name}.old-prev")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            fsync_file(path)
+    for folder in sorted({p.parent for p in tmp.rglob("*")} | {tmp}):
+        fsync_dir(folder)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:

@@ -8,7 +8,7 @@ import logging
 import sys
 
 from advcap.errors import AdvcapError
-from advcap.stopping import EXIT_STOPPED, Stopped
+from advcap.stopping import EXIT_NO_PROGRESS, EXIT_STOPPED, NO_PROGRESS_ADVICE, Stopped, report_outcome
 
 
 CLI_MODULES: list[str] = ["advcap.ablation", "advcap.report", "advcap.evaluate", "advcap.demo"]
@@ -54,7 +54,7 @@ def _cmd_tokenizer(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from advcap.config import load_config
-    from advcap.train import STOPPED, train
+    from advcap.train import STOPPED, STOPPED_NO_PROGRESS, train
 
     cfg = load_config(args.config, args.overrides)
     if args.check:
@@ -64,8 +64,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
         require_complete_shards(load_manifest(cfg.data.shards))
         print(f"ok: config {args.config} resolves; shards {cfg.data.shards} are complete; run dir {run_path(cfg)}")
         return
-    if train(cfg, resume=args.resume, stop_at_step=args.stop_at_step) == STOPPED:
-        raise SystemExit(EXIT_STOPPED)
+    outcome = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
+    if outcome == STOPPED:
+        raise Stopped("stopped on request at a checkpoint")
+    if outcome == STOPPED_NO_PROGRESS:
+        raise Stopped("stopped on request before its first step", progress=False)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -127,7 +130,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from advcap.distributed import NAMED_OS_ERRORS, describe_error, launch_rank
+    from advcap.distributed import NAMED_OS_ERRORS, describe_error, launch_rank, leave_process_group
 
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -141,10 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         args.func(args)
+        leave_process_group()
     except AdvcapError as err:
         print(f"advcap {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Stopped as err:
+        if rank == 0:
+            report_outcome(err.progress)
+        if not err.progress:
+            print(f"advcap {args.command}: {err}; {NO_PROGRESS_ADVICE}", file=sys.stderr)
+            raise SystemExit(EXIT_NO_PROGRESS) from None
         print(f"advcap {args.command}: {err}; run the same command again to go on", file=sys.stderr)
         raise SystemExit(EXIT_STOPPED) from None
     except OSError as err:

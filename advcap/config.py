@@ -583,10 +583,9 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> Path:
         "# advcap resolved config: every key, no parent. Reload with --config <this file>.\n"
         + OmegaConf.to_yaml(config_to_dict(cfg))
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from advcap import atomic
+
+    return atomic.write_text(path, text)
 
 
 def diff_configs(

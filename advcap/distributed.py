@@ -139,22 +139,29 @@ def agree(what: str, fn: Callable[[], T], main_only: bool = False) -> T:
 
 
 class Heartbeat:
-    """Each rank records how far it got in the launcher's rendezvous store (a TCPStore at MASTER_ADDR:PORT,
-    which torchrun's agent hosts), so that when a collective fails the ranks still alive can name the rank(s)
-    that stopped answering. One small store write per beat; a no-op when run alone."""
+    """Each rank records how far it got in the process group's own rendezvous store (which torchrun's agent
+    hosts), so that when a collective fails the ranks still alive can name the rank(s) that stopped
+    answering. One small store write per step (a round trip to the launcher's agent, next to a step's
+    collectives); a no-op when run alone.
+
+    The store is the one the process group already uses (no connection or thread of our own, which could
+    outlive the interpreter's shutdown); torch exposes it only privately, so without it there is no heartbeat.
+    """
 
     PREFIX = "advcap/heartbeat/"
 
-    def __init__(self, rank: int, world: int, timeout_s: int):
+    def __init__(self, rank: int, world: int):
         self.rank, self.world, self.store = rank, world, None
-        if world > 1 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-            import torch.distributed as dist
-
+        if world > 1:
             try:
-                self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                           timeout=timedelta(seconds=min(timeout_s, 30)))
-            except (RuntimeError, ValueError) as err:
+                from torch.distributed.distributed_c10d import _get_default_store
+
+                self.store = _get_default_store()
+            except (ImportError, RuntimeError, ValueError) as err:
                 log.debug("no heartbeat store: %s", err)
+
+    def close(self) -> None:
+        self.store = None
 
     def beat(self, where: str) -> None:
         if self.store is not None:
@@ -172,10 +179,11 @@ class Heartbeat:
         for rank in range(self.world):
             if rank == self.rank:
                 continue
-            try:
-                stamp, _, where = self.store.get(f"{self.PREFIX}{rank}").decode().partition(" ")
-                seen[rank] = (float(stamp), where)
-            except Exception:  # noqa: BLE001 — a rank that never beat, or a store that is gone
+            key = f"{self.PREFIX}{rank}"
+            try:  # check first: get() on a missing key would wait for it
+                stamp, _, where = self.store.get(key).decode().partition(" ") if self.store.check([key]) else ("0", "", "")
+                seen[rank] = (float(stamp), where or "never")
+            except Exception:  # noqa: BLE001 — a store that is gone
                 seen[rank] = (0.0, "never")
         if not seen:
             return "the other rank(s)"
@@ -185,6 +193,19 @@ class Heartbeat:
             f"rank {rank} (last seen {where}, {now - stamp:.0f} s ago)" if stamp else f"rank {rank} (never seen)"
             for rank, (stamp, where) in sorted(seen.items()) if stamp <= oldest + 1.0
         )
+
+
+def leave_process_group() -> None:
+    """Destroy the process group at a normal end (every rank got there). Not after a failure: a rank still
+    waiting in a collective would hang the ones that destroy it. (A command that never imported torch has none.)"""
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_collective_failure(err: BaseException) -> bool:

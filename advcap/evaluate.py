@@ -283,7 +283,8 @@ def _caption_split(
     )
     for batch in batches:
         if stop.requested:
-            raise Stopped(f"evaluation stopped on request during the {split} split; nothing of it was written")
+            raise Stopped(f"evaluation stopped on request during the {split} split; nothing of it was written",
+                          progress=False)
         captions = batch_captioner(batch["pixels"].to(device), batch["labels"].to(device), batch["references"], conditions)
         for position, (image_id, references) in enumerate(zip(batch["image_ids"], batch["references"])):
             records.append({
@@ -426,11 +427,14 @@ def evaluate(
         accelerator = make_accelerator(cfg.train.precision, cfg.dist.timeout_s)
     from advcap.distributed import Heartbeat, collectives_guarded
 
-    heartbeat = Heartbeat(accelerator.process_index, accelerator.num_processes, cfg.dist.timeout_s)
+    heartbeat = Heartbeat(accelerator.process_index, accelerator.num_processes)
     hint = "Nothing of this evaluation was written: run it again."
-    with rundir.held(), collectives_guarded(heartbeat, f"the evaluation of {rundir}", cfg.dist.timeout_s, hint):
-        return _evaluate(rundir, cfg, select, conds, splits, settings_used, needs_transfer, manifest, accelerator, stop,
-                         overrides, heartbeat)
+    try:
+        with rundir.held(), collectives_guarded(heartbeat, f"the evaluation of {rundir}", cfg.dist.timeout_s, hint):
+            return _evaluate(rundir, cfg, select, conds, splits, settings_used, needs_transfer, manifest, accelerator,
+                             stop, overrides, heartbeat)
+    finally:
+        heartbeat.close()
 
 
 def _evaluate(rundir: RunDir, cfg: Config, select: str, conds: list[Condition], splits: list[str], settings_used: dict,

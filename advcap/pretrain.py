@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from advcap import atomic
 from advcap.data.images import to_square_pixels
 from advcap.data.synth import BACKGROUNDS, COLORS, SHAPES, SIZES
 from advcap.model import HALF, PRESET_ARCHS, preset_decoder, preset_encoder
@@ -99,9 +100,10 @@ def pretrain_vit(synth_dir: str | Path, out_dir: str | Path, image_size: int, st
         return F.binary_cross_entropy_with_logits(head(features), targets[idx])
 
     _fit([*encoder.parameters(), *head.parameters()], batch_loss, steps, lr, "ViT label BCE")
-    encoder.save_pretrained(out_dir)
-    ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(HALF), image_std=list(HALF)).save_pretrained(out_dir)
-    return out_dir
+    processor = ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(HALF),
+                                  image_std=list(HALF))
+    # Whole or not at all: the demo skips this stage when the folder exists.
+    return atomic.replace_dir(out_dir, lambda folder: (encoder.save_pretrained(folder), processor.save_pretrained(folder)))
 
 
 def pretrain_gpt2(captions: list[str], tokenizer, out_dir: str | Path, steps: int, seed: int = 0,
@@ -126,6 +128,4 @@ def pretrain_gpt2(captions: list[str], tokenizer, out_dir: str | Path, steps: in
         return model(input_ids=ids, labels=labels).loss
 
     _fit(list(model.parameters()), batch_loss, steps, lr, "GPT-2 LM loss")
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return atomic.replace_dir(out_dir, lambda folder: (model.save_pretrained(folder), tokenizer.save_pretrained(folder)))

@@ -121,16 +121,16 @@ class Report:
 # ---------------------------------------------------------------- reading run directories
 
 
-def find_runs(root: str | Path) -> tuple[list[Run], list[str]]:
+def find_runs(root: str | Path, none_ok: bool = False) -> tuple[list[Run], list[str]]:
     """Every run dir `root/<phase>/seed<k>/` with a config.yaml; plus the runs that cannot be used.
 
     Returns (runs, problems). A run without an evaluation record is returned with record=None.
-    Raises AdvcapError if `root` holds no run at all.
+    Raises AdvcapError if `root` holds no run at all (unless `none_ok`: the caller knows what was asked).
     """
     from advcap.rundir import RunDir
 
     root = Path(root)
-    if not root.is_dir():
+    if not root.is_dir() and not none_ok:
         raise AdvcapError(f"{root} is not a directory; expected runs/<dataset> holding <phase>/seed<k>/ run dirs")
     runs, problems = [], []
     for rundir in RunDir.discover(root):
@@ -154,7 +154,7 @@ def find_runs(root: str | Path) -> tuple[list[Run], list[str]]:
                             f"run's (trained again after its evaluation) in {rundir}: not used; evaluate it again")
             record = None
         runs.append(Run(rundir.path, cfg.run.phase, cfg.train.seed, cfg, record, provenance))
-    if not runs and not problems:
+    if not runs and not problems and not none_ok:
         raise AdvcapError(
             f"no runs under {root}: expected {root}/<phase>/seed<k>/config.yaml (point at runs/<dataset>, not runs/)"
         )
@@ -216,7 +216,7 @@ def build_report(root: str | Path, asked_phases: Optional[Sequence[str]] = None,
     `asked_phases` / `asked_seeds`: the grid the study asked for (e.g. a SLURM array's lists); every cell
     without an evaluated run is listed as missing. By default, the phases and seeds present.
     """
-    runs, problems = find_runs(root)
+    runs, problems = find_runs(root, none_ok=bool(asked_phases and asked_seeds))
     by_phase: dict[str, list[Run]] = {}
     for run in sorted(runs, key=lambda r: r.seed):
         by_phase.setdefault(run.phase, []).append(run)
@@ -265,7 +265,7 @@ def build_report(root: str | Path, asked_phases: Optional[Sequence[str]] = None,
                     values = {r.seed: v for r in runs_here if (v := _score(r, split, cond, quantity)) is not None}
                     if values:
                         report.bleu[(phase, split, cond, quantity)] = Stat(values)
-        for quantity, values in _cost_values(by_phase[phase]).items():
+        for quantity, values in _cost_values(by_phase.get(phase, [])).items():
             report.cost[(phase, quantity)] = Stat(values)
     for split in splits:
         values = {i: v for i, r in enumerate(scored) if (v := _score(r, split, "blind", "bleu4")) is not None}

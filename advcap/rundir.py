@@ -272,20 +272,8 @@ class RunDir:
         atomic.write_text(self.metrics_file, json.dumps(record, indent=1) + "\n")
 
     def replace_dir(self, name: str, write: Any) -> Path:
-        """Replace the subfolder `name` (e.g. the hf/ export) whole: `write(tmp_folder)` fills a new one,
-        which is fsynced and swapped in; the old one is removed only after."""
-        final, tmp, old = self.path / name, self.path / f".{name}{_PENDING}new", self.path / f".{name}{_REPLACED}prev"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write(tmp)
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        atomic.fsync_dir(self.path)
-        shutil.rmtree(old, ignore_errors=True)
-        return final
+        """Replace the subfolder `name` (e.g. the hf/ export) whole (advcap.atomic.replace_dir)."""
+        return atomic.replace_dir(self.path / name, write)
 
     # ------------------------------------------------------------ the lock
 
@@ -481,14 +469,6 @@ def validate_checkpoint(path: Path) -> Optional[str]:
         if sha256_file(file) != digest:
             return f"{name} does not match its sha256 in {CHECKPOINT_MANIFEST} (damaged or changed)"
     return None
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            atomic.fsync_file(path)
-    for folder in sorted({p.parent for p in root.rglob("*")} | {root}):
-        atomic.fsync_dir(folder)
 
 
 def _write_holder(fd: int) -> None:

@@ -9,6 +9,11 @@ Training acts on a request after the current step (all ranks agree on it through
 writes a checkpoint; evaluation stops before its next batch and keeps nothing (its outputs are written
 only when complete), so the run is evaluated again from the start when the job comes back. Either way the
 process exits with EXIT_STOPPED, which the SLURM scripts answer with `scontrol requeue`.
+
+A stop that comes before this start made any progress (no new checkpoint, no result) exits with
+EXIT_NO_PROGRESS instead: requeueing would only repeat it (typically a time limit not longer than the
+stop signal's lead). Since a launcher hides its ranks' exit codes, the main process also writes the
+outcome beside the stop file (`<stop file>.outcome`: `progress` or `no-progress`) for the scripts to read.
 """
 
 from __future__ import annotations
@@ -20,11 +25,31 @@ import signal
 log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early on request; run the same command again to go on
+EXIT_NO_PROGRESS = 76  # stopped on request before any progress: running it again the same way would loop
 STOP_FILE_VARIABLE = "ADVCAP_STOP_FILE"
+OUTCOME_SUFFIX = ".outcome"
+NO_PROGRESS_ADVICE = (
+    "it was stopped before making any progress since it started, so running it again the same way would only "
+    "repeat this: the time limit is probably not longer than the stop signal's lead (--signal=B:USR1@<seconds>), "
+    "or the job was preempted before its first checkpoint. Give the job more time (--time) or a shorter lead"
+)
 
 
 class Stopped(Exception):
-    """Raised by work that stops on request without a result of its own (evaluation)."""
+    """Work stopped on request. `progress`: whether this start left anything durable (a checkpoint, a result)."""
+
+    def __init__(self, message: str, progress: bool = True):
+        super().__init__(message)
+        self.progress = progress
+
+
+def report_outcome(progress: bool) -> None:
+    """Write `<stop file>.outcome` for the SLURM scripts (main process, when exiting on a stop request)."""
+    stop_file = os.environ.get(STOP_FILE_VARIABLE)
+    if stop_file:
+        from advcap import atomic
+
+        atomic.write_text(stop_file + OUTCOME_SUFFIX, ("progress" if progress else "no-progress") + "\n")
 
 
 class StopRequest:

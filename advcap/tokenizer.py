@@ -40,9 +40,9 @@ def train_tokenizer(captions: Iterable[str], out_dir: str | Path, vocab_size: in
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT
     )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(out_dir))
+    from advcap import atomic
+
+    out_dir = atomic.replace_dir(out_dir, lambda folder: tokenizer.save_pretrained(str(folder)))
     log.info("trained a %d-token BPE tokenizer into %s", len(tokenizer), out_dir)
     return load_tokenizer(out_dir)
 

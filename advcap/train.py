@@ -40,6 +40,7 @@ from advcap.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 FINISHED, STOPPED = "finished", "stopped"
+STOPPED_NO_PROGRESS = "stopped before its first step"  # nothing to checkpoint: see advcap.stopping
 
 
 def resolve_tokenizer(cfg: Config):
@@ -119,7 +120,8 @@ class NonFinitePolicy:
 
 
 def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = None) -> str:
-    """Train the run `cfg` describes. Returns FINISHED, or STOPPED after a stop request (resumable).
+    """Train the run `cfg` describes. Returns FINISHED, STOPPED after a stop request (a checkpoint was saved:
+    resumable), or STOPPED_NO_PROGRESS when the request came before the first step of this start.
 
     `resume`: None (fresh; an error if checkpoints exist), 'latest', 'auto' (latest if any, else fresh)
     or a checkpoint folder.
@@ -127,6 +129,7 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
     # The stop handlers live only as long as the run: a caller that goes on (tests, a notebook, a driver that
     # evaluates next) must get SIGTERM's usual meaning back.
     previous = {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}
+    heartbeat = None
     try:
         accelerator = make_accelerator(cfg.train.precision, cfg.dist.timeout_s)
         world = accelerator.num_processes
@@ -134,7 +137,7 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
             raise AdvcapError(f"the launcher started {launch_world_size()} processes but Accelerate sees {world}: "
                               "check the launch config")
         rundir = RunDir.of(cfg)
-        heartbeat = Heartbeat(accelerator.process_index, world, cfg.dist.timeout_s)
+        heartbeat = Heartbeat(accelerator.process_index, world)
         hint = "The last checkpoint is intact: run the same command with --resume auto to go on."
         with rundir.held(), collectives_guarded(heartbeat, f"training {rundir}", cfg.dist.timeout_s, hint):
             decision = agree("checking the run directory", lambda: prepare_run_dir(rundir, cfg, resume), main_only=True)
@@ -143,6 +146,8 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
                 return FINISHED
             return _train(cfg, accelerator, rundir, decision, stop_at_step, heartbeat)
     finally:
+        if heartbeat is not None:
+            heartbeat.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -215,6 +220,10 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         "training %s: %d steps, global batch %d = %d ranks × %d × %d accumulation, mode %s, freeze %s",
         rundir, cfg.train.steps, cfg.train.global_batch_size, world, per_rank, accum, cfg.train.mode, cfg.freeze.modules,
     )
+    if state.step < cfg.train.steps and _stop_agreed(accelerator, stop):
+        log.warning("stop requested before the first step of this start: nothing new to checkpoint")
+        logger.close()
+        return STOPPED_NO_PROGRESS
     while state.step < cfg.train.steps:
         heartbeat.beat(f"at step {state.step + 1}")
         faults.point("train.step", step=state.step + 1)
@@ -290,6 +299,12 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
     agree("exporting the model and finishing the run", finish, main_only=True)
     log.info("finished %s in %.1f s", rundir, wall)
     return FINISHED
+
+
+def _stop_agreed(accelerator, stop: StopRequest) -> bool:
+    """Whether any rank was asked to stop (one reduction)."""
+    flag = torch.tensor([float(stop.requested)], device=accelerator.device)
+    return bool((accelerator.reduce(flag, "sum") > 0).item())
 
 
 def _agree_on_step(accelerator, results, grad_norm, stop: StopRequest) -> tuple[bool, bool]:

@@ -14,6 +14,9 @@
 #   OVERRIDES  dotted advcap overrides for every run, e.g. "train.steps=5000 model.preset=vit-base-gpt2"
 #   LAUNCHER_CONFIG [configs/accelerate/ddp.yaml] (or zero1.yaml, zero2.yaml)
 #   PROCS_PER_NODE [one per GPU SLURM gave the task, else 1]   ADVCAP_ROOT, ADVCAP_VENV [$ADVCAP_ROOT/.venv]
+#   ADVCAP_SIGNAL_LEAD [the --signal line below] when you change --signal on the command line
+#   ADVCAP_MAX_REQUEUES [20] requeues after a stop request (a task that made no progress is never requeued)
+# A --time not longer than the signal's lead is refused (every start would be told to stop at once).
 # Resources below are examples: edit them, or override on the command line (sbatch --time=... --gres=...).
 #SBATCH --job-name=advcap-ablation
 #SBATCH --array=0-14
@@ -27,9 +30,13 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%A_%a.out
 set -euo pipefail
+# A USR1 can come at once (a short time limit, a preemption): remember it until the stop file exists, rather
+# than let bash's default action kill the script before it can say anything.
+trap 'ADVCAP_USR1_EARLY=1' USR1
 
 # The project: under sbatch this file runs from a spool copy, so $0 says nothing about it; the job record
 # keeps the submitted path (Command=). ADVCAP_ROOT overrides both.
+submit_dir="$PWD"  # where the user ran it: the task logs go there
 script="$0"; [[ -z "${SLURM_JOB_ID:-}" ]] || script="$(scontrol show job "$SLURM_JOB_ID" -o | grep -o 'Command=[^ ]*' | head -n 1 | cut -d= -f2)"
 export ADVCAP_ROOT="${ADVCAP_ROOT:-$(cd "${SLURM_SUBMIT_DIR:-.}" && cd "$(dirname "$script")/.." && pwd)}"
 source "$ADVCAP_ROOT/slurm/lib.sh" || { echo "advcap: error: no advcap project at $ADVCAP_ROOT: set ADVCAP_ROOT" >&2; exit 1; }
@@ -54,8 +61,10 @@ advcap_activate
 ablation=(advcap ablation --phases "${phases[@]}" --seeds "${seeds[@]}" --out "$RUNS" "data.shards=$SHARDS" "${overrides[@]}")
 
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
-    # Not under SLURM: check everything here, then submit the array these lists need.
+    # Not under SLURM: check everything here, then submit the array these lists need, from where the user is.
+    advcap_check_time_limit "$(advcap_requested_time "$0" "$@")" "$(advcap_signal_lead "$0")"
     "${ablation[@]}" --dry-run >/dev/null || advcap_die "the ablation does not check out (see above); nothing submitted"
+    cd "$submit_dir"
     exec sbatch "$@" --array="0-$((tasks - 1))" --export="ALL,ADVCAP_ROOT=$ADVCAP_ROOT" "$ADVCAP_ROOT/slurm/ablation.sh"
 fi
 
@@ -81,10 +90,12 @@ if [[ "$index" == 0 && ! -e "$marker" ]]; then
     sbatch --parsable --dependency="afterany:$SLURM_ARRAY_JOB_ID" --job-name=advcap-report \
         --chdir="${SLURM_SUBMIT_DIR:-$ADVCAP_ROOT}" --output=%x-%j.out --nodes=1 --ntasks=1 --cpus-per-task=1 \
         --time=01:00:00 --export="ALL,ADVCAP_ROOT=$ADVCAP_ROOT" \
-        --wrap "cd '$ADVCAP_ROOT' && advcap report '$RUNS' --out '$RUNS/report'" > "$marker"
+        --wrap "cd '$ADVCAP_ROOT' && advcap report '$RUNS' --out '$RUNS/report' --phases ${phases[*]} --seeds ${seeds[*]}" \
+        > "$marker"
     echo "advcap: report job $(cat "$marker") runs after array $SLURM_ARRAY_JOB_ID"
 fi
 
+advcap_check_job_time_limit "$0"  # after the report job: it lists what this array could not do
 advcap_prepare_stop "$RUNS"
 status=0
 advcap_run accelerate launch --config_file "$LAUNCHER_CONFIG" --num_machines 1 \

@@ -6,8 +6,10 @@
 #   sbatch --nodes=4 slurm/train.sh --config freeze_vit data.shards=/shared/shards/coco
 #
 # Environment: LAUNCHER_CONFIG [configs/accelerate/ddp.yaml], PROCS_PER_NODE [one per GPU on the node,
-# else 1], ADVCAP_ROOT, ADVCAP_VENV [$ADVCAP_ROOT/.venv]. A requeued or resubmitted job resumes from the
-# run's latest checkpoint (--resume auto); a finished run is not retrained.
+# else 1], ADVCAP_ROOT, ADVCAP_VENV [$ADVCAP_ROOT/.venv], ADVCAP_SIGNAL_LEAD [the --signal line below] when you
+# change --signal on the command line, ADVCAP_MAX_REQUEUES [20]. A requeued or resubmitted job resumes from the
+# run's latest checkpoint (--resume auto); a finished run is not retrained; a job stopped before it made any
+# progress is not requeued, and a --time not longer than the signal's lead is refused at its start.
 # Resources below are examples: edit them, or override on the command line.
 #SBATCH --job-name=advcap-train
 #SBATCH --nodes=2
@@ -20,6 +22,9 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 set -euo pipefail
+# A USR1 can come at once (a short time limit, a preemption): remember it until the stop file exists, rather
+# than let bash's default action kill the script before it can say anything.
+trap 'ADVCAP_USR1_EARLY=1' USR1
 
 # The project: under sbatch this file runs from a spool copy, so $0 says nothing about it; the job record
 # keeps the submitted path (Command=). ADVCAP_ROOT overrides both.
@@ -29,6 +34,7 @@ source "$ADVCAP_ROOT/slurm/lib.sh" || { echo "advcap: error: no advcap project a
 
 [[ -n "${SLURM_JOB_ID:-}" ]] || advcap_die "submit with sbatch: sbatch slurm/train.sh --config <phase> [overrides]"
 (($# > 0)) || advcap_die "no arguments: sbatch slurm/train.sh --config <phase> [overrides]"
+advcap_check_job_time_limit "$0"
 LAUNCHER_CONFIG="${LAUNCHER_CONFIG:-configs/accelerate/ddp.yaml}"
 cd "$ADVCAP_ROOT"
 advcap_activate

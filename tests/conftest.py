@@ -51,6 +51,19 @@ def make_karpathy(root: Path, n_images: int, with_filepath: bool = False, seed: 
     return annotations, images_dir
 
 
+def make_tiny_shards(root: Path, n_images: int = 30) -> Path:
+    """`root/shards` (one shard per split: 12 train, 6 restval, 6 val, 6 test of 30 images) and `root/tok`, a
+    tokenizer trained on the train captions. Returns root."""
+    from advcap.data.manifest import load_manifest
+    from advcap.data.shardwriter import convert
+    from advcap.tokenizer import train_captions, train_tokenizer
+
+    annotations, images = make_karpathy(root / "src", n_images)
+    convert("karpathy", annotations, images, root / "shards", resize=0, shard_size=100)
+    train_tokenizer(train_captions(load_manifest(root / "shards")), root / "tok", vocab_size=300)
+    return root
+
+
 def metrics_of(run: Path) -> dict:
     """{split: {condition: {...}}} of a run's evaluation record (metrics.json)."""
     return json.loads((Path(run) / "metrics.json").read_text())["metrics"]

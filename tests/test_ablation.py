@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_karpathy, metrics_of
+from conftest import make_tiny_shards, metrics_of
 
 from advcap.ablation import RunState, plan_ablation, run_plan
 from advcap.cli import main
@@ -18,17 +18,9 @@ PHASES = ["baseline", "adv_train"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory) -> Path:
     """A tiny shard set (30 images: 12 train, 6 restval, 6 val, 6 test) and a tokenizer trained on it."""
-    from advcap.data.manifest import load_manifest
-    from advcap.data.shardwriter import convert
-    from advcap.tokenizer import train_captions, train_tokenizer
-
-    root = tmp_path_factory.mktemp("abl_data")
-    annotations, images = make_karpathy(root / "src", 30)
-    convert("karpathy", annotations, images, root / "shards", resize=0, shard_size=100)
-    train_tokenizer(train_captions(load_manifest(root / "shards")), root / "tok", vocab_size=300)
-    return root
+    return make_tiny_shards(tmp_path_factory.mktemp("abl_data"))
 
 
 def tiny(data: Path, conditions: str = "[clean,fgsm,blind]") -> list[str]:
@@ -204,10 +196,12 @@ def test_failed_run_is_reported_and_the_rest_goes_on(data, tmp_path, capsys):
     assert states == {"broken": RunState.NEW, "baseline": RunState.FINISHED}
 
 
-def test_a_stop_during_evaluation_exits_75_and_the_next_call_evaluates(data, tmp_path, monkeypatch, capsys):
-    """A stop request (the SLURM scripts' stop file) while a trained run is being evaluated: exit 75 (the
-    task requeues itself), the model kept, nothing half-written; the next call evaluates it."""
-    from advcap.stopping import EXIT_STOPPED
+def test_a_stop_during_evaluation_keeps_the_model_and_the_next_call_evaluates(data, tmp_path, monkeypatch, capsys):
+    """A stop request (the SLURM scripts' stop file) while a trained run is being evaluated: the model kept,
+    nothing half-written; the next call evaluates it. Nothing durable came of the stopped call (the model was
+    trained before it), so it exits 76, not 75, and says so beside the stop file: a SLURM task is not requeued
+    into the same stop again."""
+    from advcap.stopping import EXIT_NO_PROGRESS
     from advcap.train import FINISHED, train
 
     out = tmp_path / "runs" / "toy"
@@ -222,8 +216,10 @@ def test_a_stop_during_evaluation_exits_75_and_the_next_call_evaluates(data, tmp
     for command in (args, ["eval", str(run)]):
         with pytest.raises(SystemExit) as exc:
             main(command)
-        assert exc.value.code == EXIT_STOPPED
-        assert "stopped on request" in capsys.readouterr().err
+        assert exc.value.code == EXIT_NO_PROGRESS
+        err = capsys.readouterr().err
+        assert "stopped on request" in err and "running it again the same way would only repeat this" in err
+        assert (tmp_path / "stop.outcome").read_text() == "no-progress\n"
     assert not (run / "metrics.json").exists() and not (run / "predictions.jsonl").exists()
     assert (run / "hf" / "model.safetensors").read_bytes() == model
 

@@ -3,7 +3,6 @@ seeds, run two at a time in worker processes (as `make demo` does) → report; a
 
 from __future__ import annotations
 
-import json
 
 import pytest
 from conftest import metrics_of

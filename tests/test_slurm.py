@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_karpathy, metrics_of
+from conftest import make_tiny_shards, metrics_of
 
 from advcap.model import Captioner
 from advcap.train import weights_digest
@@ -31,15 +31,7 @@ SMALL = ["--gres=none", "--cpus-per-task=1", "--time=15"]  # what this 2-CPU, GP
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from advcap.data.manifest import load_manifest
-    from advcap.data.shardwriter import convert
-    from advcap.tokenizer import train_captions, train_tokenizer
-
-    root = tmp_path_factory.mktemp("slurm_data")
-    annotations, images = make_karpathy(root / "src", 30)
-    convert("karpathy", annotations, images, root / "shards", resize=0, shard_size=100)
-    train_tokenizer(train_captions(load_manifest(root / "shards")), root / "tok", vocab_size=300)
-    return root
+    return make_tiny_shards(tmp_path_factory.mktemp("slurm_data"))
 
 
 def tiny(data: Path, *extra: str) -> list[str]:
@@ -151,8 +143,37 @@ def test_without_sbatch_the_script_checks_then_submits_the_right_array(slurm_clu
     try:
         record = slurm_cluster.run(["scontrol", "show", "job", job, "-o"]).stdout
         assert "ArrayTaskId=0-5 " in record and "JobName=advcap-ablation" in record, record
+        assert f"WorkDir={tmp_path} " in record  # the task logs land where the user is, not in the project
     finally:
         slurm_cluster.run(["scancel", job])
+
+    # A time limit not longer than the USR1 lead: every start would be told to stop at once. Refused here.
+    refused = subprocess.run(["bash", str(REPO / "slurm" / "ablation.sh"), "--gres=none", "--time=10"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and not refused.stdout.strip()
+    assert "the time limit 10 (600 s) is not longer than the stop signal's lead of 600 s" in refused.stderr
+
+
+def test_a_time_limit_not_longer_than_the_lead_fails_once_and_the_report_names_what_is_missing(slurm_cluster, data,
+                                                                                             tmp_path):
+    """`sbatch --time=10 slurm/ablation.sh` with its USR1 lead of 600 s: each task fails once, saying why, instead of
+    being told to stop at once, requeueing and looping; the report job lists every run asked for as missing."""
+    runs = tmp_path / "runs" / "micro"
+    env = ablation_env(slurm_cluster, data, runs)
+    job = slurm_cluster.sbatch(["--gres=none", "--cpus-per-task=1", "--time=10", "--array=0-3",
+                                str(REPO / "slurm" / "ablation.sh")], cwd=tmp_path, env=env)
+    tasks = slurm_cluster.wait(job, timeout=180)
+    assert states(tasks) == ["FAILED"] * 4 and {t["Restarts"] for t in tasks} == {"0"}
+    log = (tmp_path / f"advcap-ablation-{job}_1.out").read_text()
+    assert "the time limit 00:10:00 (600 s) is not longer than the stop signal's lead of 600 s" in log
+    report_job = (runs / f".report-job-{job}").read_text().strip()
+    (report,) = slurm_cluster.wait(report_job, timeout=180)
+    assert report["JobState"] == "COMPLETED", (tmp_path / f"advcap-report-{report_job}.out").read_text()[-3000:]
+    md = (runs / "report" / "report.md").read_text()
+    assert "4 of the 4 runs asked for (2 phases × 2 seeds) are missing" in md
+    for phase in PHASES:
+        for seed in SEEDS:
+            assert f"- {phase} seed{seed}: no run directory" in md
 
 
 def test_train_sh_fails_before_training_without_shards(slurm_cluster, data, tmp_path):
@@ -183,6 +204,25 @@ def test_train_sh_runs_one_rank_per_node_on_two_nodes(slurm_cluster_2nodes, data
     model = VisionEncoderDecoderModel.from_pretrained(str(out / "hf"))
     model.encoder.pooler = None
     assert prov["weights_sha256"] == weights_digest(Captioner(model, 32))
+
+
+def test_a_task_stopped_before_any_progress_fails_once_instead_of_requeueing(slurm_cluster, data, tmp_path):
+    """USR1 as the job starts (preempted at once, or a lead that eats the whole limit): the ranks find the stop
+    file before their first step, there is nothing to checkpoint, and the task fails once with the reason."""
+    env = job_env(slurm_cluster)
+    args = ["--config", "baseline", *tiny(data, f"data.shards={data / 'shards'}", f"run.out={tmp_path / 'runs'}",
+                                          "train.steps=400")]
+    job = slurm_cluster.sbatch([*SMALL, "--nodes=1", str(REPO / "slurm" / "train.sh"), *args], cwd=tmp_path, env=env)
+    log = tmp_path / f"advcap-train-{job}.out"
+    _wait_for_text(log, "rendezvous at", timeout=120)
+    time.sleep(1)  # the shell is in its wait, the ranks are still starting
+    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job])
+    (record,) = slurm_cluster.wait(job, timeout=180)
+    text = log.read_text()
+    assert record["JobState"] == "FAILED" and record["Restarts"] == "0", text[-4000:]
+    assert "stop requested before the first step of this start" in text
+    assert "stopped on request before making any progress since it started: not requeued" in text
+    assert not (tmp_path / "runs" / "demo" / "baseline" / "seed0" / "checkpoints").exists()
 
 
 def _wait_for_text(path: Path, text: str, timeout: float) -> None:

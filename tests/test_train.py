@@ -413,19 +413,53 @@ def test_sigusr1_checkpoints_and_stops_then_resume_finishes(data, tmp_path):
     assert json.loads((out / "provenance.json").read_text())["resumed_at_step"] == stopped_at
 
 
-def test_a_stop_file_stops_at_a_checkpoint_and_resume_auto_continues(data, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_a_stop_file_stops_at_a_checkpoint_and_resume_auto_continues(data, tmp_path):
     """What the SLURM scripts do on USR1: create $ADVCAP_STOP_FILE; the requeued job runs with --resume auto."""
+    cfg_overrides = overrides(data, tmp_path, "train.steps=80")
+    stop_file = tmp_path / "stop"
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(BIN / "advcap"), "train", "--config", "baseline", "--resume", "auto", *cfg_overrides],
+                                cwd=REPO, env={**_env(), "ADVCAP_STOP_FILE": str(stop_file)}, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 90
+            while "step 1/80" not in log_path.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+            stop_file.touch()
+            assert proc.wait(timeout=60) == EXIT_STOPPED, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert (tmp_path / "stop.outcome").read_text() == "progress\n"  # for the SLURM scripts: requeue
+    out = run_path(load_config("baseline", cfg_overrides))
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    stopped_at = int(checkpoint.name[4:])
+    stop_file.unlink()
+    assert train(load_config("baseline", cfg_overrides), resume="auto") == FINISHED
+    assert json.loads((out / "provenance.json").read_text())["resumed_at_step"] == stopped_at
+
+
+def test_a_stop_before_the_first_step_is_no_progress(data, tmp_path, monkeypatch, capsys):
+    """A stop request already there when training starts (a time limit not longer than the stop signal's
+    lead): nothing to checkpoint, exit 76 and a no-progress outcome, so the SLURM scripts do not requeue it."""
+    from advcap.cli import main
+    from advcap.stopping import EXIT_NO_PROGRESS
+
     cfg = config("baseline", data, tmp_path)
     stop_file = tmp_path / "stop"
     stop_file.touch()
     monkeypatch.setenv("ADVCAP_STOP_FILE", str(stop_file))
-    assert train(cfg, resume="auto") == STOPPED  # no checkpoint yet: auto starts afresh
-    out = run_path(cfg)
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step00000001"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "baseline", "--resume", "auto", *overrides(data, tmp_path)])
+    assert exit_info.value.code == EXIT_NO_PROGRESS
+    assert "the time limit is probably not longer than the stop signal's lead" in capsys.readouterr().err
+    assert (tmp_path / "stop.outcome").read_text() == "no-progress\n"
+    assert not (run_path(cfg) / "checkpoints").exists()
     stop_file.unlink()
     assert train(cfg, resume="auto") == FINISHED
-    assert json.loads((out / "provenance.json").read_text())["resumed_at_step"] == 1
-    assert train(cfg, resume="auto") == FINISHED  # finished: nothing retrained
 
 
 def test_train_check_validates_config_and_shards(data, tmp_path, capsys):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,13 +223,9 @@ def tokenize(raw: str) -> list[str]:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     # A reader sees either no captions.json or a complete one, never a half-written file.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from advcap import atomic
+
+    atomic.write_text(path, json.dumps(data, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- scenes

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_karpathy
+from conftest import make_tiny_shards
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the virtualenv's console scripts: advcap, accelerate
@@ -27,14 +27,7 @@ BIN = Path(sys.executable).parent  # the virtualenv's console scripts: advcap, a
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> SimpleNamespace:
     """30 images (12 train, 6 restval, 6 val, 6 test) in one shard per split, and a tokenizer."""
-    from advcap.data.manifest import load_manifest
-    from advcap.data.shardwriter import convert
-    from advcap.tokenizer import train_captions, train_tokenizer
-
-    root = tmp_path_factory.mktemp("fault_data")
-    annotations, images = make_karpathy(root / "src", 30)
-    convert("karpathy", annotations, images, root / "shards", resize=0, shard_size=100)
-    train_tokenizer(train_captions(load_manifest(root / "shards")), root / "tok", vocab_size=300)
+    root = make_tiny_shards(tmp_path_factory.mktemp("fault_data"))
     return SimpleNamespace(root=root, shards=root / "shards", tokenizer=root / "tok")
 
 
