@@ -128,12 +128,18 @@ def pgd(
     steps: int,
     random_start: bool = True,
     generator: torch.Generator | None = None,
+    restarts: int = 1,
+    per_image_loss: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Projected gradient descent (Madry et al. 2018), L∞, on the loss to maximise.
 
     ``x0 = x`` (or ``clip(x + U(-ε, ε), 0, 1)`` with ``random_start``); then ``steps`` times
     ``x ← Π(x + step_size·sign(∇L(x)))``, with Π the projection onto the ε-ball around the clean
-    images intersected with [0,1]. Returns the last iterate. Calls ``loss_fn`` ``steps`` times.
+    images intersected with [0,1]. Calls ``loss_fn`` ``steps`` times per restart.
+
+    With ``restarts`` > 1 (which needs ``random_start``), the attack runs from that many random starts
+    and keeps, per image, the final iterate with the highest ``per_image_loss`` (the same loss, one value
+    per image): the restart that hurts that image most by the attack's own loss.
 
     Args:
         loss_fn: images -> 0-dim loss, maximised.
@@ -143,7 +149,9 @@ def pgd(
         steps: number of gradient steps, ≥ 1.
         random_start: start from a uniform random point in the ε-ball (default: yes).
             Without it the attack is deterministic.
-        generator: RNG for the random start (any device); ``None`` uses the global RNG.
+        generator: RNG for the random starts (any device); ``None`` uses the global RNG.
+        restarts: random starts, ≥ 1.
+        per_image_loss: images -> (B,) losses, needed when ``restarts`` > 1.
 
     Returns:
         Detached adversarial images: same shape/dtype/device, in [0,1], ``|x' - x| ≤ ε``.
@@ -152,17 +160,33 @@ def pgd(
     step_size = _check_number("step_size", step_size, allow_zero=False)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    if restarts > 1 and (not random_start or per_image_loss is None):
+        raise ValueError("restarts > 1 need random_start=True and a per_image_loss to choose between them")
     _check_images(images)
     x = images.detach()
     if epsilon == 0:
         return x.clone()
     lo, hi = _linf_box(x, epsilon)
-    x_adv = _random_start(x, epsilon, lo, hi, generator) if random_start else x.clone()
-    for _ in range(steps):
-        _, grad = input_gradient(loss_fn, x_adv)
+    best, best_loss = None, None
+    for _ in range(restarts):
+        x_adv = _random_start(x, epsilon, lo, hi, generator) if random_start else x.clone()
+        for _ in range(steps):
+            _, grad = input_gradient(loss_fn, x_adv)
+            with torch.no_grad():
+                x_adv = torch.clamp(x_adv + step_size * grad.sign(), lo, hi)
+        if restarts == 1:
+            return x_adv
         with torch.no_grad():
-            x_adv = torch.clamp(x_adv + step_size * grad.sign(), lo, hi)
-    return x_adv
+            loss = per_image_loss(x_adv).detach()
+            if best is None:
+                best, best_loss = x_adv, loss
+            else:
+                better = loss > best_loss
+                best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
+                best_loss = torch.maximum(loss, best_loss)
+    return best
 
 
 def _linf_box(x: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:

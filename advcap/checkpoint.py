@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,6 +53,11 @@ class TrainerState:
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient norm, in all
     nonfinite_in_a_row: int = 0
     finished: bool = False
+    best_step: Optional[int] = None  # the validation step of checkpoints/best (advcap.validation)
+    best_value: Optional[float] = None  # its train.keep_best figure
+    overfit_streak: int = 0  # validations in a row showing the catastrophic-overfitting signature
+    overfit_alarms: list = field(default_factory=list)  # the guard's alarms, as OverfitAlarm.as_dict()
+    stopped_early: Optional[dict] = None  # {"step", "action", "reason"} when the guard ended training
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainerState":

@@ -11,7 +11,7 @@ from advcap.errors import AdvcapError
 from advcap.stopping import EXIT_NO_PROGRESS, EXIT_STOPPED, NO_PROGRESS_ADVICE, Stopped, report_outcome
 
 
-CLI_MODULES: list[str] = ["advcap.ablation", "advcap.report", "advcap.evaluate", "advcap.demo"]
+CLI_MODULES: list[str] = ["advcap.ablation", "advcap.report", "advcap.evaluate", "advcap.inference", "advcap.demo"]
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:

@@ -35,8 +35,10 @@ FREEZE_MODULES = ("none", "encoder", "decoder")
 TRAIN_MODES = ("clean", "adversarial", "mixed")
 PRECISIONS = ("auto", "fp32", "bf16")
 EVAL_SPLITS = ("train", "val", "test")
-EVAL_CONDITIONS = ("clean", "fgsm", "pgd", "blind", "transfer-fgsm")  # plus "fgsm@<epsilon>"
+EVAL_CONDITIONS = ("clean", "fgsm", "pgd", "targeted", "blind", "transfer-fgsm")  # plus "fgsm@<epsilon>"
 PGD_TARGETS = ("reference", "clean_caption")
+VAL_METRICS = tuple(f"{c}_{q}" for c in ("clean", "fgsm", "pgd") for q in ("bleu4", "loss"))  # advcap.validation
+OVERFIT_ACTIONS = ("off", "warn", "stop", "rollback")
 
 _FGSM_AT = re.compile(r"fgsm@(?P<eps>.+)")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # run.dataset / run.phase become directory names
@@ -147,6 +149,25 @@ class TrainConfig:
     """Optimizer steps between checkpoints."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk."""
+    val_every_steps: int = 250
+    """Optimizer steps between validations on a fixed val subset (advcap.validation); 0: none."""
+    val_images: int = 256
+    """Images of that subset: the first ones of the val split, the same for every phase and seed."""
+    val_pgd_steps: int = 3
+    """PGD iterations of validation's PGD (random start, step 2.5·ε / steps, one restart): cheap, not strong."""
+    keep_best: str = "pgd_bleu4"
+    """Validation figure whose best value keeps checkpoints/best (VAL_METRICS; *_loss is minimised, *_bleu4
+    maximised), or none."""
+    overfit_guard: str = "warn"
+    """What a catastrophic-overfitting alarm does in an adversarial or mixed run: off | warn | stop | rollback
+    (stop, and finish with the checkpoints/best weights)."""
+    overfit_fgsm_share: float = 0.2
+    """The signature: FGSM raises the val loss by less than this share of what PGD raises it (FGSM robustness
+    that PGD does not confirm), while PGD raises it by at least overfit_min_gap."""
+    overfit_min_gap: float = 0.1
+    """PGD's val loss minus the clean val loss (nats per token) below which the signature is not read."""
+    overfit_patience: int = 2
+    """Consecutive validations showing the signature that raise the alarm (one can be noise)."""
 
     def __post_init__(self) -> None:
         _raise_problems(_train_problems(self))
@@ -166,16 +187,30 @@ class EvalConfig:
     """Generated caption length cap in tokens."""
     num_beams: int = 1
     """Beam width of generation; 1 is greedy."""
-    conditions: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd", "blind"])
+    conditions: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd", "targeted", "blind"])
     """Image conditions evaluated: EVAL_CONDITIONS or fgsm@<epsilon> (see parse_condition)."""
     pgd_steps: int = 10
-    """PGD iterations."""
-    pgd_step_size: float = 0.0125
-    """PGD step in [0,1] pixel units."""
+    """PGD iterations (also of the targeted attack)."""
+    pgd_step_size: Optional[float] = None
+    """PGD step in [0,1] pixel units; null: 2.5·ε / pgd_steps (the usual rule: a total travel of 2.5ε)."""
+    pgd_restarts: int = 2
+    """PGD random starts; per image the one with the highest attack loss is kept."""
+    pgd_random_start: bool = True
+    """PGD starts from a uniform random point in the ε-ball (needed for restarts > 1)."""
     pgd_target: str = "reference"
     """Caption whose loss PGD ascends: reference | clean_caption."""
+    target_caption: Optional[str] = None
+    """The caption the targeted attack tries to make the model say; null: for each image, the first reference
+    of the next image in its evaluation batch (a caption of another image)."""
     transfer_from: Optional[str] = None
     """Run dir whose checkpoint crafts the transfer-fgsm images."""
+    coco_metrics: bool = True
+    """Also score the COCO caption metrics (pycocoevalcap: BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE if its models
+    are present), which need Java; the paper's nltk BLEU is always scored."""
+    audit: bool = True
+    """Run the attack audit (more PGD steps and restarts, an ε sweep, a large ε) on a subset of the first split."""
+    audit_images: int = 64
+    """Images of the first eval split the audit attacks."""
     allow_partial: bool = False
     """Score a split even if some of its images cannot be read (the record and the report say so)."""
 
@@ -504,8 +539,16 @@ def _train_problems(t: Any) -> Iterator[Problem]:
     if not 0 <= t.seed < 2**32:
         yield "train.seed", t.seed, "an integer in [0, 2**32)"
     for key in ("steps", "global_batch_size", "max_batch_size_per_rank", "max_nonfinite_steps",
-                "log_every_steps", "image_log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+                "log_every_steps", "image_log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "val_images", "val_pgd_steps", "overfit_patience"):
         yield from _at_least(f"train.{key}", getattr(t, key), 1)
+    yield from _at_least("train.val_every_steps", t.val_every_steps, 0)
+    yield from _one_of("train.keep_best", t.keep_best, (*VAL_METRICS, "none"))
+    yield from _one_of("train.overfit_guard", t.overfit_guard, OVERFIT_ACTIONS)
+    if t.overfit_guard == "rollback" and t.keep_best == "none":
+        yield "train.overfit_guard", t.overfit_guard, "stop, warn or off when train.keep_best is none (nothing to roll back to)"
+    yield from _in_unit_interval("train.overfit_fgsm_share", t.overfit_fgsm_share)
+    yield from _non_negative("train.overfit_min_gap", t.overfit_min_gap)
     yield from _at_least("train.warmup_steps", t.warmup_steps, 0)
     yield from _positive("train.lr", t.lr)
     yield from _non_negative("train.weight_decay", t.weight_decay)
@@ -523,10 +566,15 @@ def _eval_problems(e: Any) -> Iterator[Problem]:
         except AdvcapError:
             allowed = " | ".join(EVAL_CONDITIONS) + " | fgsm@<epsilon in [0, 1]>"
             yield f"eval.conditions[{i}]", condition, f"one of {allowed}"
-    for key in ("train_subset_images", "batch_size", "max_new_tokens", "num_beams", "pgd_steps"):
+    for key in ("train_subset_images", "batch_size", "max_new_tokens", "num_beams", "pgd_steps", "pgd_restarts",
+                "audit_images"):
         yield from _at_least(f"eval.{key}", getattr(e, key), 1)
-    yield from _positive("eval.pgd_step_size", e.pgd_step_size)
+    if e.pgd_step_size is not None:
+        yield from _positive("eval.pgd_step_size", e.pgd_step_size)
+    if e.pgd_restarts > 1 and not e.pgd_random_start:
+        yield "eval.pgd_restarts", e.pgd_restarts, "1 when eval.pgd_random_start is false (restarts differ only in their start)"
     yield from _one_of("eval.pgd_target", e.pgd_target, PGD_TARGETS)
+    yield from _non_empty("eval.target_caption", e.target_caption, optional=True)
     yield from _non_empty("eval.transfer_from", e.transfer_from, optional=True)
 
 
@@ -629,6 +677,17 @@ def _fmt(value: Any, missing: object = None) -> str:
 
 
 # ---------------------------------------------------------------- derived values
+
+
+def pgd_step_size(cfg_eval: "EvalConfig", epsilon: float) -> float:
+    """PGD's step in pixel units at `epsilon`: eval.pgd_step_size, or 2.5·ε / eval.pgd_steps."""
+    return cfg_eval.pgd_step_size if cfg_eval.pgd_step_size is not None else 2.5 * epsilon / cfg_eval.pgd_steps
+
+
+def epsilon_text(epsilon: float) -> str:
+    """ε in the three conventions a reader may know: [0,1] pixels, /255, and the paper's [-1,1] inputs."""
+    return f"ε = {epsilon:g} ([0,1] pixels) = {epsilon * 255:.4g}/255 = {2 * epsilon:g} on [-1,1] inputs"
+
 
 
 def per_rank_batch_size(cfg: Config, world_size: int) -> int:

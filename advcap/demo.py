@@ -1,7 +1,8 @@
 """`advcap demo`: the whole study in miniature, offline, on the CPU.
 
 generate the demo set → shards → verify → tokenizer → pretrain the stand-ins for ImageNet ViT and
-GPT-2 → the five phases × three seeds (train, then evaluate clean / FGSM / PGD / transfer / blind) → report.
+GPT-2 → the five phases × three seeds (train with validation, then evaluate clean / FGSM / PGD / targeted /
+transfer / blind, the COCO caption metrics and the attack audit) → report.
 Every stage is skipped when its output already exists, so an interrupted demo resumes.
 """
 
@@ -56,9 +57,13 @@ def demo_overrides(data: Path, pretrained: Path, settings: dict) -> list[str]:
         "eval.train_subset_images=100",
         "eval.batch_size=50",
         "eval.max_new_tokens=20",
-        "eval.conditions=[clean,fgsm,pgd,blind,fgsm@0.05,fgsm@0.2,transfer-fgsm]",
+        "eval.conditions=[clean,fgsm,pgd,targeted,blind,fgsm@0.05,fgsm@0.2,transfer-fgsm]",
+        # PGD by the usual rule (step 2.5·ε / steps), two random starts: 5 steps are enough at 48 px.
         "eval.pgd_steps=5",
-        f"eval.pgd_step_size={settings['epsilon'] / 4}",
+        "eval.audit_images=50",
+        # Validation while training: the fixed val subset, twice per run; checkpoints/best by PGD BLEU-4.
+        f"train.val_every_steps={max(1, settings['train_steps'] // 2)}",
+        "train.val_images=50",
     ]
 
 

@@ -1,32 +1,21 @@
-"""Evaluation: captions of clean and attacked images → BLEU-1…4 per split and condition (`advcap eval`).
-
-Conditions (`eval.conditions`; parsed by `advcap.config.parse_condition`):
-
-    clean           the images as they are
-    fgsm            FGSM at `attack.epsilon` against the evaluated model, ascending the loss of the image's
-                    first reference caption
-    fgsm@<ε>        the same at ε (an ε sweep)
-    pgd             white-box L∞ PGD at `attack.epsilon` (`eval.pgd_steps` × `eval.pgd_step_size`, no random
-                    start, so it is deterministic); the target is the first reference, or with
-                    `eval.pgd_target: clean_caption` the model's own clean caption (an attacker without labels)
-    transfer-fgsm   FGSM at `attack.epsilon` crafted on another run's model (`eval.transfer_from`), fed to this one
-    blind           all-zero images: the score of a captioner that does not look, the floor to read others against
-
-Attacks run on the model in eval() mode and ascend the summed token cross-entropy (any positive scale
-of the loss gives the same sign, hence the same FGSM/PGD images). Captions are generated in batches
-(greedy unless `eval.num_beams` > 1, at most `eval.max_new_tokens`, with the key-value cache).
+"""Evaluation: captions of clean and attacked images (`advcap.conditions`) → the paper's BLEU and the COCO
+caption metrics (`advcap.metrics`) per split and condition, an attack audit (`advcap.audit`), one record.
 
 Distribution: every rank reads its own batches of the split (`EvalStream` deals global batches
 round-robin, and an image lands in the same batch whatever the world size) and runs generation and
 attacks on the bare captioner, without collectives. The per-image results are gathered once per split
 and ordered by (global batch, position), so the metrics are the same with any number of ranks.
 
-Outputs in the run directory (main process, under the run's lock, each file atomic): `predictions.jsonl`
-(one line per image and split: image_id, split, references, captions per condition), then `metrics.json`,
-the one record of the evaluation: `"metrics"` `{split: {condition: {"bleu1".."bleu4", "images"}}}` together
-with the `"settings"` (eval.*) they answer to, the `"images"` evaluated and expected per split, whether
-the evaluation was `"partial"`, the digests of the evaluated model(s) and of the predictions file; then
-`eval/<split>/<condition>/bleu<n>` scalars in the run's TensorBoard at the run's final step. Each
+Outputs in the run directory (main process, under the run's lock, each file atomic): the captions in the
+COCO results format, `coco/<split>/<condition>.json` (`[{"image_id", "caption"}]`), with the references as
+a COCO caption annotation file, `coco/<split>/references.json`, so any COCO caption tool scores them as
+they are; `predictions.jsonl` (one line per image and split: image_id, split, references, captions per
+condition, targets of the targeted attack); then `metrics.json`, the one record of the evaluation:
+`"metrics"` `{split: {condition: {"bleu1".."bleu4", "images", "coco_bleu1".."coco_bleu4", "meteor",
+"rouge_l", "cider"[, "spice"][, "target_success", "target_bleu4", "target_images"]}}}` together with the
+`"settings"` (eval.*) they answer to, which tokenizer each number uses (`"metric_notes"`), the `"images"`
+evaluated and expected per split, whether the evaluation was `"partial"`, the `"audit"`, and the digests of
+the evaluated model(s) and of the predictions file; then TensorBoard scalars at the run's final step. Each
 evaluation replaces the previous files; a stopped or failed one writes nothing.
 
 A split whose shards cannot all be read is an error (naming the shortfall), unless `eval.allow_partial`
@@ -41,45 +30,24 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from advcap.bleu import corpus_bleu_scores
-from advcap.config import EVAL_SPLITS, Config, EvalConfig, config_to_dict, load_config, parse_condition
+from advcap.conditions import BatchCaptioner, Condition, Generation, PGDSettings, Source, resolve_conditions
+from advcap.config import EVAL_SPLITS, Config, EvalConfig, config_to_dict, epsilon_text, load_config
 from advcap.errors import AdvcapError
+from advcap.inference import load_model
+from advcap.metrics import COCO_TOKENS, PAPER_TOKENS, corpus_bleu_scores, tokenize
 from advcap.rundir import RunDir, checkpoint_step
 from advcap.stopping import StopRequest, Stopped
-
-if TYPE_CHECKING:
-    import torch
-
-    from advcap.model import Captioner
 
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("final", "best-val")
-RECORD_FORMAT = 2  # metrics.json: one record of metrics and the settings they answer to
+RECORD_FORMAT = 3  # metrics.json: one record of metrics (paper's and COCO's) and the settings they answer to
 
 
-@dataclass(frozen=True)
-class Condition:
-    """One image condition: its name as configured (`fgsm@0.1`), its kind and its ε in [0,1] pixel units."""
-
-    name: str
-    kind: str  # clean | fgsm | pgd | blind | transfer-fgsm
-    epsilon: Optional[float] = None  # None for clean and blind
-
-
-@dataclass(frozen=True)
-class Generation:
-    """How captions are generated."""
-
-    max_new_tokens: int
-    num_beams: int = 1
-
-
-# ---------------------------------------------------------------- loading runs and models
+# ---------------------------------------------------------------- loading runs
 
 
 def load_run_config(
@@ -110,158 +78,33 @@ def load_run_config(
     return dataclasses.replace(cfg, eval=settings) if settings is not None else cfg
 
 
-def hf_dir(model: str | os.PathLike[str]) -> Path:
-    """The `hf/` export of a run directory, or `model` itself when it is an export."""
-    path = Path(model)
-    if (RunDir(path).export_dir / "config.json").is_file():
-        return RunDir(path).export_dir
-    if (path / "config.json").is_file():
-        return path
-    raise AdvcapError(f"{path} is neither a finished run (no hf/ export) nor an exported captioner (no config.json)")
-
-
-def load_model(model: str | os.PathLike[str], device: Any = "cpu") -> tuple[Captioner, Any]:
-    """(captioner, tokenizer) from a run directory's `hf/` export or an export directory.
-
-    The captioner is in eval() mode with every parameter frozen (attacks need only ∂loss/∂pixels);
-    its image size is the exported ViT's, its normalisation the exported image processor's.
-    """
-    from advcap.config import ModelConfig
-    from advcap.model import build_captioner
-    from advcap.tokenizer import load_tokenizer
-
-    export = hf_dir(model)
-    tokenizer = load_tokenizer(export)
-    try:
-        image_size = int(json.loads((export / "config.json").read_text())["encoder"]["image_size"])
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
-        raise AdvcapError(f"{export}/config.json is not a VisionEncoderDecoder config ({err!r})") from None
-    captioner = build_captioner(ModelConfig(preset="custom", init_from=str(export)), image_size, tokenizer)
-    captioner.eval().requires_grad_(False)
-    return captioner.to(device), tokenizer
-
-
-# ---------------------------------------------------------------- conditions and labels
-
-
-def resolve_conditions(names: Sequence[str], cfg: Config) -> list[Condition]:
-    """Parse condition names; ε defaults to `attack.epsilon`. Raises AdvcapError for unknown or repeated ones."""
-    if not names:
-        raise AdvcapError("no eval condition given")
-    conditions = []
-    for name in names:
-        kind, epsilon = parse_condition(name)
-        if kind in ("fgsm", "pgd", "transfer-fgsm") and epsilon is None:
-            epsilon = cfg.attack.epsilon
-        if name in [c.name for c in conditions]:
-            raise AdvcapError(f"eval condition {name!r} is given twice")
-        conditions.append(Condition(name, kind, epsilon))
-    return conditions
-
-
-def caption_labels(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Generated ids (B,T) with the start token in column 0 → labels (B,T-1) for `Captioner.forward`:
-    the tokens after the start token up to and including the first EOS, -100 after it."""
-    labels = ids[:, 1:].clone()
-    is_eos = labels == eos_id
-    after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    labels[after_first_eos] = -100
-    return labels
-
-
-def reference_labels(tokenizer: Any, captions: Sequence[str], max_tokens: int) -> torch.Tensor:
-    """Captions → labels (B,L) as the loader makes them (tokens + EOS, at most `max_tokens`, -100 padding)."""
-    import torch
-
-    from advcap.data.loader import Tokenize
-
-    tokenize = Tokenize(tokenizer, max_tokens)
-    rows = [tokenize(c) for c in captions]
-    labels = torch.full((len(rows), max(len(r) for r in rows)), -100, dtype=torch.long)
-    for i, row in enumerate(rows):
-        labels[i, : len(row)] = torch.tensor(row)
-    return labels
-
-
-# ---------------------------------------------------------------- captioning one batch
-
-
-@dataclass
-class _Source:
-    """A model that crafts transfer attacks: its captioner and tokenizer."""
-
-    captioner: Captioner
-    tokenizer: Any
-
-
-@dataclass
-class BatchCaptioner:
-    """Captions a batch of images under each condition (no collectives: one rank's work)."""
-
-    captioner: Captioner
-    tokenizer: Any
-    generation: Generation
-    pgd_steps: int = 10
-    pgd_step_size: float = 0.0125
-    pgd_target: str = "reference"
-    max_caption_tokens: int = 32
-    transfer: Optional[_Source] = None
-
-    def generate(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B,3,S,S) in [0,1] → generated ids (B,T), start token first."""
-        return self.captioner.generate(
-            pixels, max_new_tokens=self.generation.max_new_tokens, num_beams=self.generation.num_beams, use_cache=True
-        )
-
-    def __call__(
-        self, pixels: torch.Tensor, labels: torch.Tensor, references: Sequence[Sequence[str]], conditions: Sequence[Condition]
-    ) -> dict[str, list[str]]:
-        """Captions per condition name for images (B,3,S,S) in [0,1] whose first references are `labels` (B,L)."""
-        from advcap.attacks import fgsm, pgd
-        from advcap.model import decode_captions
-
-        clean_ids = None
-
-        def clean() -> torch.Tensor:
-            nonlocal clean_ids
-            if clean_ids is None:
-                clean_ids = self.generate(pixels)
-            return clean_ids
-
-        def loss_of(model: Captioner, target: torch.Tensor):
-            return lambda images: model(images, target)
-
-        captions = {}
-        for condition in conditions:
-            kind, eps = condition.kind, condition.epsilon
-            if kind == "clean":
-                ids = clean()
-            elif kind == "blind":
-                ids = self.generate(pixels.new_zeros(pixels.shape))
-            elif kind == "fgsm":
-                ids = self.generate(fgsm(loss_of(self.captioner, labels), pixels, eps))
-            elif kind == "pgd":
-                target = labels if self.pgd_target == "reference" else caption_labels(clean(), self.tokenizer.eos_token_id)
-                images = pgd(loss_of(self.captioner, target), pixels, eps, self.pgd_step_size, self.pgd_steps, random_start=False)
-                ids = self.generate(images)
-            elif kind == "transfer-fgsm":
-                source = self.transfer
-                target = reference_labels(source.tokenizer, [r[0] for r in references], self.max_caption_tokens)
-                ids = self.generate(fgsm(loss_of(source.captioner, target.to(pixels.device)), pixels, eps))
-            else:  # parse_condition admits nothing else
-                raise AssertionError(kind)
-            captions[condition.name] = decode_captions(self.tokenizer, ids)
-        return captions
+def _batch_captioner(run: Path, cfg: Config, needs_transfer: bool, device: Any) -> BatchCaptioner:
+    """The run's exported model (and the transfer source's, if needed) with the run's eval settings."""
+    captioner, tokenizer = load_model(run, device)
+    transfer = None
+    if needs_transfer:
+        source, source_tokenizer = load_model(cfg.eval.transfer_from, device)
+        if source.image_size != captioner.image_size:
+            raise AdvcapError(
+                f"eval.transfer_from={cfg.eval.transfer_from} takes {source.image_size} px images, "
+                f"this run {captioner.image_size} px"
+            )
+        transfer = Source(source, source_tokenizer)
+    return BatchCaptioner(
+        captioner, tokenizer, Generation(cfg.eval.max_new_tokens, cfg.eval.num_beams), PGDSettings.of(cfg),
+        target_caption=cfg.eval.target_caption, max_caption_tokens=cfg.data.max_caption_tokens, transfer=transfer,
+    )
 
 
 # ---------------------------------------------------------------- evaluating splits
 
+CaptionBatch = Callable[[Any, Any, Sequence[Sequence[str]], int], tuple[dict, dict]]
 
-def _caption_split(
-    batch_captioner: BatchCaptioner, cfg: Config, manifest: Any, split: str, conditions: Sequence[Condition],
-    accelerator: Any, stop: StopRequest,
-) -> list[dict]:
-    """This rank's per-image records of one split: its batches of `EvalStream`, captioned under every condition.
+
+def _caption_split(caption_batch: CaptionBatch, tokenizer: Any, cfg: Config, manifest: Any, split: str,
+                   accelerator: Any, stop: StopRequest, limit: Optional[int] = None) -> list[dict]:
+    """This rank's per-image records of one split: its batches of `EvalStream`, captioned by `caption_batch`
+    (pixels, labels, references, global batch index) → (captions per condition, targets per condition).
 
     Raises Stopped before the next batch once a stop is requested. The ranks need not agree on the batch:
     the first to exit ends the job (the launcher stops the others), and nothing partial was written.
@@ -270,10 +113,11 @@ def _caption_split(
 
     from advcap.data.loader import EvalStream, make_loader
 
+    if limit is None and split == "train":
+        limit = cfg.eval.train_subset_images
     stream = EvalStream(
-        manifest, split, batch_captioner.tokenizer, cfg.data.image_size, cfg.data.max_caption_tokens,
-        cfg.eval.batch_size, accelerator.process_index, accelerator.num_processes,
-        limit=cfg.eval.train_subset_images if split == "train" else None,
+        manifest, split, tokenizer, cfg.data.image_size, cfg.data.max_caption_tokens,
+        cfg.eval.batch_size, accelerator.process_index, accelerator.num_processes, limit=limit,
     )
     records = []
     device = accelerator.device
@@ -285,16 +129,21 @@ def _caption_split(
         if stop.requested:
             raise Stopped(f"evaluation stopped on request during the {split} split; nothing of it was written",
                           progress=False)
-        captions = batch_captioner(batch["pixels"].to(device), batch["labels"].to(device), batch["references"], conditions)
+        index = int(batch["batch_index"])
+        captions, targets = caption_batch(batch["pixels"].to(device), batch["labels"].to(device), batch["references"],
+                                          index)
         for position, (image_id, references) in enumerate(zip(batch["image_ids"], batch["references"])):
-            records.append({
+            record = {
                 "image_id": image_id,
                 "split": split,
                 "references": list(references),
                 "captions": {name: texts[position] for name, texts in captions.items()},
-                "batch_index": int(batch["batch_index"]),
+                "batch_index": index,
                 "position": position,
-            })
+            }
+            if targets:
+                record["targets"] = {name: texts[position] for name, texts in targets.items()}
+            records.append(record)
     return records
 
 
@@ -322,14 +171,42 @@ def _gather(accelerator: Any, records: list[dict], expected: int, split: str, al
     return gathered
 
 
-def split_metrics(records: Sequence[dict], conditions: Sequence[str]) -> dict[str, dict[str, float]]:
-    """{condition: {"bleu1".."bleu4", "images"}} of one split's records (each with references and captions)."""
+def split_metrics(records: Sequence[dict], conditions: Sequence[str], coco: bool = False) -> dict[str, dict]:
+    """{condition: {"bleu1".."bleu4", "images"[, COCO metrics][, targeted figures]}} of one split's records.
+
+    The paper's BLEU (nltk, [a-z0-9]+ tokens) always; the COCO caption metrics (PTB tokenizer) with `coco`.
+    A targeted condition also scores its captions against its targets: `target_success` (the share of
+    images whose caption is the target, word for word) and `target_bleu4`, over the `target_images` whose
+    target is not one of their own references.
+    """
     references = [r["references"] for r in records]
     metrics = {}
     for name in conditions:
-        scores = corpus_bleu_scores([r["captions"][name] for r in records], references)
-        metrics[name] = {**scores, "images": len(records)}
+        captions = [r["captions"][name] for r in records]
+        metrics[name] = {**corpus_bleu_scores(captions, references), "images": len(records)}
+        targets = [r.get("targets", {}).get(name) for r in records]
+        if any(t is not None for t in targets):
+            metrics[name].update(_target_scores(captions, targets, references))
+    if coco:
+        from advcap.metrics import coco_scores
+
+        for name, scores in coco_scores({n: [r["captions"][n] for r in records] for n in conditions},
+                                        references).items():
+            metrics[name].update(scores)
     return metrics
+
+
+def _target_scores(captions: Sequence[str], targets: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    usable = [(c, t) for c, t, refs in zip(captions, targets, references)
+              if t is not None and tokenize(t) not in [tokenize(r) for r in refs]]
+    if not usable:
+        return {"target_success": None, "target_bleu4": None, "target_images": 0}
+    hits = sum(tokenize(c) == tokenize(t) for c, t in usable)
+    return {
+        "target_success": hits / len(usable),
+        "target_bleu4": corpus_bleu_scores([c for c, _ in usable], [[t] for _, t in usable])["bleu4"],
+        "target_images": len(usable),
+    }
 
 
 def _expected_images(manifest: Any, cfg: Config, split: str) -> int:
@@ -340,13 +217,23 @@ def _expected_images(manifest: Any, cfg: Config, split: str) -> int:
 def _select_best_val(
     batch_captioner: BatchCaptioner, rundir: RunDir, cfg: Config, manifest: Any, accelerator: Any, stop: StopRequest
 ) -> dict:
-    """Load the kept checkpoint with the best clean val BLEU-4 (ties: the later one) into the captioner.
+    """Load the best-validated weights into the captioner: checkpoints/best when the run validated while
+    training (`train.keep_best`); otherwise the kept checkpoint with the best clean val BLEU-4 (ties: the later).
 
     Only checkpoints that validate against their manifest are candidates; the others are named and passed over.
-    Returns {"weights": "checkpoints/stepNNNNNNNN", "step": N, "val_bleu4": {checkpoint name: BLEU-4}}.
+    Returns {"weights": "checkpoints/…", "step": N, and "best" (best.json's metric, value, figures) or
+    "val_bleu4" ({checkpoint name: BLEU-4})}.
     """
     from advcap.checkpoint import load_checkpoint_weights
+    from advcap.validation import BestCheckpoint
 
+    kept = BestCheckpoint(rundir, cfg.train.keep_best)
+    if kept.record() is not None:
+        record = kept.load_into(batch_captioner.captioner)
+        log.info("best-val: evaluating %s (step %s, best %s %.4g while training)", kept.path, record["step"],
+                 record["metric"], record["value"])
+        return {"weights": f"checkpoints/{kept.path.name}", "step": int(record["step"]),
+                "best": {k: record[k] for k in ("metric", "value", "figures")}}
     candidates, passed = rundir.valid_checkpoints()
     for skipped in passed:
         log.warning("best-val: passing over %s", skipped)
@@ -354,10 +241,11 @@ def _select_best_val(
         raise AdvcapError(f"--select best-val: {rundir.checkpoints_dir} holds no valid checkpoint")
     clean = [Condition("clean", "clean")]
     expected = _expected_images(manifest, cfg, "val")
+    caption_batch = lambda p, l, r, i: batch_captioner(p, l, r, clean, i)  # noqa: E731
     scores = {}
     for checkpoint in candidates:
         load_checkpoint_weights(batch_captioner.captioner, checkpoint)
-        local = _caption_split(batch_captioner, cfg, manifest, "val", clean, accelerator, stop)
+        local = _caption_split(caption_batch, batch_captioner.tokenizer, cfg, manifest, "val", accelerator, stop)
         records = _gather(accelerator, local, expected, "val", cfg.eval.allow_partial)
         scores[checkpoint.name] = split_metrics(records, ["clean"])["clean"]["bleu4"]
         log.info("best-val: %s clean val BLEU-4 %.4f", checkpoint.name, scores[checkpoint.name])
@@ -365,6 +253,21 @@ def _select_best_val(
     load_checkpoint_weights(batch_captioner.captioner, best)
     log.info("best-val: evaluating %s", best)
     return {"weights": f"checkpoints/{best.name}", "step": checkpoint_step(best), "val_bleu4": scores}
+
+
+def _audit(batch_captioner: BatchCaptioner, cfg: Config, manifest: Any, split: str, accelerator: Any,
+           stop: StopRequest) -> dict:
+    """The attack audit's BLEU-4 figures on the first `eval.audit_images` images of `split` (advcap.audit)."""
+    from advcap.audit import audit_conditions, caption_audit_batch
+
+    conditions = audit_conditions(cfg.attack.epsilon, cfg.eval.pgd_steps, cfg.eval.pgd_restarts)
+    caption_batch = lambda p, l, r, i: (caption_audit_batch(batch_captioner, p, l, conditions, i), {})  # noqa: E731
+    limit = min(cfg.eval.audit_images, _expected_images(manifest, cfg, split))
+    local = _caption_split(caption_batch, batch_captioner.tokenizer, cfg, manifest, split, accelerator, stop, limit)
+    records = _gather(accelerator, local, limit, split, cfg.eval.allow_partial)
+    scores = split_metrics(records, list(conditions))
+    return {"split": split, "images": len(records), "conditions": conditions,
+            "bleu4": {name: s["bleu4"] for name, s in scores.items()}}
 
 
 def evaluate(
@@ -377,13 +280,15 @@ def evaluate(
     stop: Optional[StopRequest] = None,
     settings: Optional[EvalConfig] = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Evaluate a finished run: captions on clean and attacked images, BLEU-1…4 per split and condition.
+    """Evaluate a finished run: captions on clean and attacked images, the paper's BLEU and the COCO caption
+    metrics per split and condition, and the attack audit.
 
     Args:
         run: the run directory (config.yaml, trainer_state.json, hf/, checkpoints/).
-        select: "final" evaluates the hf/ export (the last step); "best-val" the kept checkpoint with the
-            best clean BLEU-4 on the val split.
-        conditions: condition names (see the module docstring); default `eval.conditions` of the run.
+        select: "final" evaluates the hf/ export (the last step); "best-val" checkpoints/best (the best
+            validation while training, `train.keep_best`), or without it the kept checkpoint with the best clean
+            val BLEU-4.
+        conditions: condition names (see advcap.conditions); default `eval.conditions` of the run.
         splits: any of train | val | test; default `eval.splits`. The train split is limited to its
             first `eval.train_subset_images` images.
         accelerator: an `accelerate.Accelerator`; default a new one (CPU when there is no CUDA).
@@ -392,12 +297,13 @@ def evaluate(
         settings: an `EvalConfig` used instead of the run's `eval` section (the ablation's, when only
             evaluation settings changed since training); not together with `overrides`.
     Returns:
-        {split: {condition: {"bleu1", "bleu2", "bleu3", "bleu4", "images"}}}, the same on every rank;
-        the main process also writes predictions.jsonl, the metrics.json record and TensorBoard scalars.
+        {split: {condition: {...}}} (see the module docstring), the same on every rank; the main process also
+        writes the COCO-format files, predictions.jsonl, the metrics.json record and TensorBoard scalars.
     Raises:
         AdvcapError: an unfinished run, unknown selection/split/condition, transfer-fgsm without
             `eval.transfer_from`, missing shards, images that could not be read (unless eval.allow_partial),
-            the run directory held by another process.
+            the COCO metrics without Java (unless eval.coco_metrics is off), the run directory held by
+            another process.
         Stopped: a stop was requested; no output was written.
     """
     from advcap.data.manifest import load_manifest
@@ -419,6 +325,10 @@ def evaluate(
             f"condition transfer-fgsm needs eval.transfer_from (the run whose model crafts the images), "
             f"but neither {rundir.config_file} nor the overrides set one"
         )
+    if cfg.eval.coco_metrics:
+        from advcap.metrics import check_coco_ready
+
+        check_coco_ready()  # before any work: a missing Java is said at once
     manifest = load_manifest(cfg.data.shards)
     if accelerator is None:
         from advcap.distributed import make_accelerator
@@ -444,39 +354,63 @@ def _evaluate(rundir: RunDir, cfg: Config, select: str, conds: list[Condition], 
     from accelerate.utils import gather_object
 
     from advcap.distributed import agree
+    from advcap.metrics import coco_references, coco_results, spice_unavailable
 
     started = time.perf_counter()
-    batch_captioner = _batch_captioner(rundir.path, cfg, needs_transfer, accelerator.device)
+    bc = _batch_captioner(rundir.path, cfg, needs_transfer, accelerator.device)
     final_step = int(rundir.training_state().get("step", 0))
     evaluated: dict[str, Any] = {"select": select, "weights": "hf", "step": final_step}
     if select == "best-val":
-        evaluated.update(_select_best_val(batch_captioner, rundir, cfg, manifest, accelerator, stop))
+        evaluated.update(_select_best_val(bc, rundir, cfg, manifest, accelerator, stop))
 
-    metrics, records, images, per_rank = {}, [], {}, {}
+    metrics, records, images, per_rank, files = {}, [], {}, {}, {}
     names = [c.name for c in conds]
+    caption_batch = lambda p, l, r, i: bc(p, l, r, conds, i)  # noqa: E731
     for split in splits:
         log.info("evaluating %s on %s: %s", rundir, split, ", ".join(names))
         heartbeat.beat(f"evaluating {split}")
-        local = _caption_split(batch_captioner, cfg, manifest, split, conds, accelerator, stop)
+        local = _caption_split(caption_batch, bc.tokenizer, cfg, manifest, split, accelerator, stop)
         heartbeat.beat(f"gathering {split}")
         per_rank[split] = gather_object([len(local)])
         expected = _expected_images(manifest, cfg, split)
         split_records = _gather(accelerator, local, expected, split, cfg.eval.allow_partial)
-        metrics[split] = split_metrics(split_records, names)
+        # Scored once, on the main process (the COCO metrics start Java), and the same figures on every rank.
+        metrics[split] = agree(f"scoring {split}", lambda: split_metrics(split_records, names, cfg.eval.coco_metrics),
+                               main_only=True)
         images[split] = {"evaluated": len(split_records), "expected": expected}
         records += split_records
+        ids = [r["image_id"] for r in split_records]
+        files[f"{split}/references.json"] = json.dumps(coco_references(ids, [r["references"] for r in split_records]))
+        for name in names:
+            files[f"{split}/{name}.json"] = json.dumps(coco_results(ids, [r["captions"][name] for r in split_records]))
+    audit = None
+    if cfg.eval.audit:
+        log.info("auditing the attacks on %d images of %s", cfg.eval.audit_images, splits[0])
+        heartbeat.beat("auditing the attacks")
+        audit = _audit(bc, cfg, manifest, splits[0], accelerator, stop)
 
+    notes = {"bleu1..bleu4": PAPER_TOKENS}
+    if cfg.eval.coco_metrics:
+        notes["coco_bleu1..coco_bleu4, meteor, rouge_l, cider, spice"] = COCO_TOKENS
+        notes["spice"] = spice_unavailable() or "scored"
     record = {
         "format": RECORD_FORMAT,
         "metrics": metrics,
         "settings": settings_used,
+        "metric_notes": notes,
         "images": images,
         "partial": any(v["evaluated"] != v["expected"] for v in images.values()),
         **evaluated,
         "model_sha256": rundir.model_digest(),
         "transfer_from": cfg.eval.transfer_from if needs_transfer else None,
         "transfer_model_sha256": RunDir(cfg.eval.transfer_from).model_digest() if needs_transfer else None,
+        "epsilon": {"pixels": cfg.attack.epsilon, "per_255": cfg.attack.epsilon * 255,
+                    "paper_minus1_1": 2 * cfg.attack.epsilon, "text": epsilon_text(cfg.attack.epsilon)},
         "conditions": {c.name: {"kind": c.kind, "epsilon": c.epsilon} for c in conds},
+        "pgd": {"steps": bc.pgd.steps, "step_size": bc.pgd.step(cfg.attack.epsilon), "restarts": bc.pgd.restarts,
+                "random_start": bc.pgd.random_start, "target": bc.pgd.target,
+                "restart_kept": "per image, the restart with the highest attack loss"},
+        "audit": audit,
         "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "num_beams": cfg.eval.num_beams},
         "overrides": list(overrides),
         "world_size": accelerator.num_processes,
@@ -486,30 +420,11 @@ def _evaluate(rundir: RunDir, cfg: Config, select: str, conds: list[Condition], 
     }
 
     def write() -> None:
-        write_outputs(rundir, records, record)
+        write_outputs(rundir, records, record, files)
         _log_tensorboard(rundir, metrics, final_step)
 
     agree(f"writing the evaluation of {rundir}", write, main_only=True)
     return metrics
-
-
-def _batch_captioner(run: Path, cfg: Config, needs_transfer: bool, device: Any) -> BatchCaptioner:
-    """The run's exported model (and the transfer source's, if needed) with the run's eval settings."""
-    captioner, tokenizer = load_model(run, device)
-    transfer = None
-    if needs_transfer:
-        source, source_tokenizer = load_model(cfg.eval.transfer_from, device)
-        if source.image_size != captioner.image_size:
-            raise AdvcapError(
-                f"eval.transfer_from={cfg.eval.transfer_from} takes {source.image_size} px images, "
-                f"this run {captioner.image_size} px"
-            )
-        transfer = _Source(source, source_tokenizer)
-    return BatchCaptioner(
-        captioner, tokenizer, Generation(cfg.eval.max_new_tokens, cfg.eval.num_beams),
-        pgd_steps=cfg.eval.pgd_steps, pgd_step_size=cfg.eval.pgd_step_size, pgd_target=cfg.eval.pgd_target,
-        max_caption_tokens=cfg.data.max_caption_tokens, transfer=transfer,
-    )
 
 
 def _check_splits(splits: list[str]) -> list[str]:
@@ -526,11 +441,11 @@ def _check_splits(splits: list[str]) -> list[str]:
 # ---------------------------------------------------------------- outputs
 
 
-def write_outputs(rundir: RunDir, records: Sequence[dict], record: dict) -> None:
-    """predictions.jsonl, then metrics.json (the record, written last), each replaced atomically."""
-    keys = ("image_id", "split", "references", "captions")
-    lines = "".join(json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n" for r in records)
-    rundir.write_evaluation(lines, record)
+def write_outputs(rundir: RunDir, records: Sequence[dict], record: dict, files: dict[str, str]) -> None:
+    """The COCO-format files and predictions.jsonl, then metrics.json (the record, written last)."""
+    keys = ("image_id", "split", "references", "captions", "targets")
+    lines = "".join(json.dumps({k: r[k] for k in keys if k in r}, ensure_ascii=False) + "\n" for r in records)
+    rundir.write_evaluation(lines, record, files)
     log.info("wrote %s and %s", rundir.predictions_file, rundir.metrics_file)
 
 
@@ -541,151 +456,34 @@ def _log_tensorboard(rundir: RunDir, metrics: dict, step: int) -> None:
     try:
         for split, by_condition in metrics.items():
             for condition, values in by_condition.items():
-                for n in range(1, 5):
-                    writer.add_scalar(f"eval/{split}/{condition}/bleu{n}", values[f"bleu{n}"], step)
+                for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor", "target_success"):
+                    if isinstance(values.get(key), (int, float)):
+                        writer.add_scalar(f"eval/{split}/{condition}/{key}", values[key], step)
     finally:
         writer.close()
-
-
-# ---------------------------------------------------------------- single images: caption and attack figure
-
-
-def load_image(path: str | os.PathLike[str], image_size: int) -> torch.Tensor:
-    """An image file → (1,3,S,S) float pixels in [0,1], preprocessed as the loader does (RGB, bilinear S×S)."""
-    import torch
-
-    from advcap.data.images import BadImage, to_square_pixels
-
-    try:
-        pixels = to_square_pixels(Path(path).read_bytes(), image_size)
-    except (OSError, BadImage) as err:
-        raise AdvcapError(f"cannot read image {path}: {err}") from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).unsqueeze(0).float().div(255.0)
-
-
-def _inference_model(model: str | os.PathLike[str]) -> tuple[Captioner, Any, Generation, float]:
-    """(captioner, tokenizer, generation settings, default ε) for a run dir (its config) or a bare export."""
-    from advcap.config import AttackConfig
-    from advcap.model import DEFAULT_MAX_NEW_TOKENS
-
-    captioner, tokenizer = load_model(model)
-    rundir = RunDir(model)
-    if rundir.export_dir.is_dir() and rundir.exists():
-        cfg = rundir.config()
-        return captioner, tokenizer, Generation(cfg.eval.max_new_tokens, cfg.eval.num_beams), cfg.attack.epsilon
-    return captioner, tokenizer, Generation(DEFAULT_MAX_NEW_TOKENS), AttackConfig().epsilon
-
-
-def caption_image(image: str | os.PathLike[str], model: str | os.PathLike[str]) -> str:
-    """Caption one image file with a run's (or an export's) captioner, with the run's generation settings."""
-    from advcap.model import decode_captions
-
-    captioner, tokenizer, generation, _ = _inference_model(model)
-    pixels = load_image(image, captioner.image_size)
-    return decode_captions(tokenizer, BatchCaptioner(captioner, tokenizer, generation).generate(pixels))[0]
-
-
-def attack_image(
-    image: str | os.PathLike[str], model: str | os.PathLike[str], out: str | os.PathLike[str], epsilon: Optional[float] = None
-) -> tuple[str, str]:
-    """FGSM on one image, targeting the model's own clean caption; writes the figure `out`.
-
-    The figure is original | adversarial | amplified difference (grey = unchanged), with the clean and the
-    adversarial caption under the first two. ε defaults to the run's `attack.epsilon`.
-    Returns (clean caption, adversarial caption).
-    """
-    from advcap.attacks import fgsm
-    from advcap.model import decode_captions
-
-    captioner, tokenizer, generation, default_epsilon = _inference_model(model)
-    epsilon = default_epsilon if epsilon is None else epsilon
-    if not 0 <= epsilon <= 1:
-        raise AdvcapError(f"--epsilon {epsilon} is not allowed; expected a number in [0, 1] (pixel units)")
-    pixels = load_image(image, captioner.image_size)
-    batch_captioner = BatchCaptioner(captioner, tokenizer, generation)
-    clean_ids = batch_captioner.generate(pixels)
-    target = caption_labels(clean_ids, tokenizer.eos_token_id)
-    adversarial = fgsm(lambda x: captioner(x, target), pixels, epsilon)
-    clean_caption = decode_captions(tokenizer, clean_ids)[0]
-    adv_caption = decode_captions(tokenizer, batch_captioner.generate(adversarial))[0]
-    save_attack_figure(out, pixels[0], adversarial[0], epsilon, clean_caption, adv_caption)
-    return clean_caption, adv_caption
-
-
-FIGURE_INCHES = (9.0, 3.9)  # three square panels side by side, captions below
-FIGURE_DPI = 100
-
-
-def save_attack_figure(
-    out: str | os.PathLike[str], clean: torch.Tensor, adversarial: torch.Tensor, epsilon: float,
-    clean_caption: str, adv_caption: str,
-) -> Path:
-    """Write a PNG (900×390 px): clean | adversarial | amplified difference, captions under the panels.
-
-    Args:
-        clean, adversarial: (3,S,S) pixels in [0,1].
-    """
-    import textwrap
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from advcap.tblog import amplified_difference
-
-    panels = [clean, adversarial, amplified_difference(clean, adversarial, epsilon)]
-    titles = ["original", f"adversarial (FGSM, ε={epsilon:g})", "difference (amplified, grey = 0)"]
-    texts = [f"clean: {clean_caption}", f"adversarial: {adv_caption}", f"|x' - x| ≤ {epsilon:g} in [0,1] pixel units"]
-    figure = Figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
-    FigureCanvasAgg(figure)
-    width, height = FIGURE_INCHES
-    side = 0.9 * width / 3  # inches per panel
-    for i, (panel, title, text) in enumerate(zip(panels, titles, texts)):
-        ax = figure.add_axes([(i + 0.05) / 3, 1 - (0.35 + side) / height, side / width, side / height])
-        ax.imshow(panel.detach().float().cpu().permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-        ax.set_axis_off()
-        ax.set_title(title, fontsize=9)
-        ax.text(0.5, -0.04, textwrap.fill(text, 42), transform=ax.transAxes, ha="center", va="top", fontsize=8)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(str(out), dpi=FIGURE_DPI)
-    return out
 
 
 # ---------------------------------------------------------------- command line
 
 
 def add_cli(subparsers: Any) -> None:
-    """Register `advcap eval`, `advcap caption` and `advcap attack`."""
+    """Register `advcap eval`."""
     p = subparsers.add_parser(
         "eval",
-        help="caption clean and attacked images of a finished run, BLEU-1..4 into metrics.json",
+        help="caption clean and attacked images of a finished run: BLEU (paper's and COCO's), CIDEr, ... into metrics.json",
         description="The same entry point `accelerate launch launch/eval.py RUN_DIR` runs; ranks split the images.",
     )
     p.add_argument("run", help="a finished run directory (runs/<dataset>/<phase>/seed<k>)")
     p.add_argument("--select", choices=SELECTIONS, default="final",
-                   help="final: the hf/ export; best-val: the kept checkpoint with the best clean val BLEU-4")
+                   help="final: the hf/ export; best-val: checkpoints/best (kept by validation while training), "
+                   "else the kept checkpoint with the best clean val BLEU-4")
     p.add_argument("--conditions", nargs="+", default=None, metavar="CONDITION",
-                   help="clean fgsm pgd blind transfer-fgsm fgsm@<epsilon> (default: the run's eval.conditions)")
+                   help="clean fgsm pgd targeted blind transfer-fgsm fgsm@<epsilon> (default: the run's eval.conditions)")
     p.add_argument("--splits", nargs="+", default=None, metavar="SPLIT",
                    help=f"{' '.join(EVAL_SPLITS)} (default: the run's eval.splits)")
     p.add_argument("overrides", nargs="*",
                    help="eval.* overrides of the run's config, e.g. eval.pgd_steps=20 eval.pgd_target=clean_caption")
     p.set_defaults(func=_cmd_eval)
-
-    p = subparsers.add_parser("caption", help="print the caption a trained model gives an image")
-    p.add_argument("image", help="an image file (any format Pillow reads)")
-    p.add_argument("--model", required=True, help="a finished run directory or an hf/ export directory")
-    p.set_defaults(func=_cmd_caption)
-
-    p = subparsers.add_parser(
-        "attack", help="FGSM one image: figure of original | adversarial | amplified difference with both captions"
-    )
-    p.add_argument("image", help="an image file (any format Pillow reads)")
-    p.add_argument("--model", required=True, help="a finished run directory or an hf/ export directory")
-    p.add_argument("--out", required=True, help="output figure (PNG)")
-    p.add_argument("--epsilon", type=float, default=None,
-                   help="L∞ radius in [0,1] pixel units (default: the run's attack.epsilon)")
-    p.set_defaults(func=_cmd_attack)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -706,19 +504,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def format_metrics(metrics: dict) -> str:
-    """A plain-text table of `{split: {condition: {...}}}`."""
-    rows = [f"{'split':<6} {'condition':<16} {'BLEU-1':>7} {'BLEU-2':>7} {'BLEU-3':>7} {'BLEU-4':>7} {'images':>7}"]
+    """A plain-text table of `{split: {condition: {...}}}`: the paper's BLEU, then CIDEr and METEOR if scored."""
+    coco = any("cider" in m for by_condition in metrics.values() for m in by_condition.values())
+    head = f"{'split':<6} {'condition':<16} {'BLEU-1':>7} {'BLEU-2':>7} {'BLEU-3':>7} {'BLEU-4':>7}"
+    rows = [head + (f" {'CIDEr':>7} {'METEOR':>7}" if coco else "") + f" {'images':>7}"]
     for split, by_condition in metrics.items():
         for condition, m in by_condition.items():
             scores = " ".join(f"{m[f'bleu{n}']:7.4f}" for n in range(1, 5))
+            if coco:
+                scores += f" {100 * m['cider']:7.2f} {m['meteor']:7.4f}" if "cider" in m else " " * 16
             rows.append(f"{split:<6} {condition:<16} {scores} {m['images']:>7d}")
     return "\n".join(rows)
-
-
-def _cmd_caption(args: argparse.Namespace) -> None:
-    print(caption_image(args.image, args.model))
-
-
-def _cmd_attack(args: argparse.Namespace) -> None:
-    clean, adversarial = attack_image(args.image, args.model, args.out, args.epsilon)
-    print(f"clean:       {clean}\nadversarial: {adversarial}\nfigure:      {args.out}")

@@ -102,15 +102,17 @@ class Captioner(torch.nn.Module):
             )
         return (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
 
-    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor, per_image: bool = False) -> torch.Tensor:
         """Summed next-token cross-entropy of `labels` given the images.
 
         Args:
             pixels: (B,3,S,S) float in [0,1].
             labels: (B,L) long token ids ending in EOS, `-100` on padding after the first EOS.
+            per_image: return each image's sum (B,) instead of the batch's (what an attack with restarts
+                compares per image).
         Returns:
-            A scalar float32 tensor: the SUM (nats) over all non-ignored target tokens. Gradients flow to
-            `pixels` and to every parameter with `requires_grad`.
+            A scalar float32 tensor: the SUM (nats) over all non-ignored target tokens (or (B,) per image).
+            Gradients flow to `pixels` and to every parameter with `requires_grad`.
         """
         if labels.shape[1] > self.max_target_length:
             raise AdvcapError(
@@ -124,6 +126,10 @@ class Captioner(torch.nn.Module):
         logits = self.model(
             pixel_values=self.normalize(pixels), decoder_input_ids=decoder_input_ids, use_cache=False
         ).logits
+        if per_image:
+            tokens = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="none")
+            return tokens.view(labels.shape).sum(1)
         return F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )

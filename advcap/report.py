@@ -26,12 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from advcap.audit import checks as audit_checks
+from advcap.metrics import COCO_TOKENS, PAPER_TOKENS
+from advcap.config import epsilon_text
 from advcap.errors import AdvcapError
 
 log = logging.getLogger(__name__)
 
 PAPER_PHASES = ("baseline", "adversarial", "adv_train", "freeze_vit", "freeze_gpt")
-MAIN_CONDITIONS = ("clean", "fgsm", "pgd", "transfer-fgsm")
+MAIN_CONDITIONS = ("clean", "fgsm", "pgd", "targeted", "transfer-fgsm")
+# Every number averaged: the paper's BLEU (nltk, [a-z0-9]+ tokens), the COCO caption metrics (pycocoevalcap, PTB
+# tokenizer), and the targeted attack's own figures.
+QUANTITIES = ("bleu1", "bleu2", "bleu3", "bleu4", "coco_bleu4", "meteor", "rouge_l", "cider", "spice",
+              "target_success", "target_bleu4")
+METRIC_TITLES = {"bleu4": "BLEU-4", "cider": "CIDEr-D (×100)"}
 SPLIT_ORDER = ("train", "test", "val")
 # Paired differences (a − b) computed whenever both phases have runs; the first four are the paper's questions.
 DIFFERENCE_PAIRS = (
@@ -86,6 +94,9 @@ class Stat:
     def std(self) -> float:
         return statistics.stdev(self.values.values()) if self.n >= 2 else math.nan
 
+    def scaled(self, factor: float) -> "Stat":
+        return Stat({k: v * factor for k, v in self.values.items()})
+
     def text(self, n_expected: Optional[int] = None, digits: int = 3) -> str:
         if not self.values:
             return "—"
@@ -110,12 +121,15 @@ class Report:
     missing: list[str]  # "<phase> seed<k>: why" for runs not averaged
     n_expected: int = 0  # seeds asked for per phase: a mean over fewer says its n
     warnings: list[str] = field(default_factory=list)
-    bleu: dict[tuple[str, str, str, str], Stat] = field(default_factory=dict)  # (phase, split, cond, bleuN)
+    scores: dict[tuple[str, str, str, str], Stat] = field(default_factory=dict)  # (phase, split, cond, quantity)
     blind: dict[str, Stat] = field(default_factory=dict)  # split → over all runs, keyed by run index
     differences: dict[tuple[str, str, str], Stat] = field(default_factory=dict)  # ("a - b", split, cond)
     cost: dict[tuple[str, str], Stat] = field(default_factory=dict)  # (phase, quantity)
     epsilons: dict[str, float] = field(default_factory=dict)  # phase → attack.epsilon
-    main_table: str = ""
+    audit: dict[str, list[dict]] = field(default_factory=dict)  # phase → advcap.audit.checks
+    spice_note: str = ""  # why SPICE is missing, if it is
+    main_table: str = ""  # BLEU-4, the paper's
+    cider_table: str = ""  # CIDEr-D, the field's (empty when no run scored it)
 
 
 # ---------------------------------------------------------------- reading run directories
@@ -261,10 +275,10 @@ def build_report(root: str | Path, asked_phases: Optional[Sequence[str]] = None,
             report.epsilons[phase] = runs_here[0].config.attack.epsilon
         for split in splits:
             for cond in [*conditions, *sweep, "blind"]:
-                for quantity in ("bleu1", "bleu2", "bleu3", "bleu4"):
+                for quantity in QUANTITIES:
                     values = {r.seed: v for r in runs_here if (v := _score(r, split, cond, quantity)) is not None}
                     if values:
-                        report.bleu[(phase, split, cond, quantity)] = Stat(values)
+                        report.scores[(phase, split, cond, quantity)] = Stat(values)
         for quantity, values in _cost_values(by_phase.get(phase, [])).items():
             report.cost[(phase, quantity)] = Stat(values)
     for split in splits:
@@ -276,28 +290,35 @@ def build_report(root: str | Path, asked_phases: Optional[Sequence[str]] = None,
             continue
         for split in splits:
             for cond in conditions:
-                sa = report.bleu.get((a, split, cond, "bleu4"))
-                sb = report.bleu.get((b, split, cond, "bleu4"))
+                sa = report.scores.get((a, split, cond, "bleu4"))
+                sb = report.scores.get((b, split, cond, "bleu4"))
                 if sa and sb:
                     common = sorted(set(sa.values) & set(sb.values))
                     if common:
                         report.differences[(f"{a} - {b}", split, cond)] = Stat(
                             {s: sa.values[s] - sb.values[s] for s in common}
                         )
+    for phase in phases:
+        if evaluated[phase]:
+            report.audit[phase] = audit_checks([r.record for r in evaluated[phase]], report.epsilons[phase])
+    notes = {(r.record.get("metric_notes") or {}).get("spice") for phase in phases for r in evaluated[phase]}
+    report.spice_note = "; ".join(sorted(n for n in notes if n and n != "scored"))
     report.main_table = _main_table(report)
+    if any(q == "cider" for (_, _, _, q) in report.scores):
+        report.cider_table = _main_table(report, "cider", 100.0)
     return report
 
 
 def _score(run: Run, split: str, condition: str, quantity: str) -> Optional[float]:
+    """The run's number, None where it has none (a metric not scored, a condition not evaluated)."""
     entry = run.metrics.get(split, {}).get(condition)
-    if entry is None:
+    if entry is None or entry.get(quantity) is None:
         return None
     try:
         return float(entry[quantity])
-    except (KeyError, TypeError, ValueError):
+    except (TypeError, ValueError):
         raise AdvcapError(
-            f"{run.path / 'metrics.json'}: {split}/{condition} has no number {quantity!r}; "
-            "expected {split: {condition: {bleu1..bleu4, images}}}"
+            f"{run.path / 'metrics.json'}: {split}/{condition}/{quantity} is {entry[quantity]!r}, not a number"
         ) from None
 
 
@@ -343,10 +364,27 @@ def _record_warnings(evaluated: Mapping[str, list[Run]]) -> list[str]:
             if lag:
                 warnings.append(f"{run.path}: config.yaml's eval settings are not those its metrics answer to "
                                 f"({'; '.join(lag)}); the numbers are those of the settings in metrics.json")
+            warnings += _training_warnings(run)
         for split, by_seed in counts.items():
             if len(set(by_seed.values())) > 1:
                 shown = ", ".join(f"seed {seed}: {n}" for seed, n in sorted(by_seed.items()))
                 warnings.append(f"{phase}: the runs averaged scored different numbers of {split} images ({shown})")
+    return warnings
+
+
+def _training_warnings(run: Run) -> list[str]:
+    """What validation while training saw (advcap.validation): catastrophic-overfitting alarms, an early stop."""
+    prov = run.provenance or {}
+    warnings = []
+    alarms = prov.get("overfit_alarms") or []
+    if alarms:
+        warnings.append(f"{run.path}: ⚠ catastrophic-overfitting alarm at {len(alarms)} validation(s), first "
+                        f"{alarms[0].get('message', alarms[0])}")
+    stopped = prov.get("stopped_early")
+    if stopped:
+        what = "finished with checkpoints/best" if stopped.get("action") == "rollback" else "finished there"
+        warnings.append(f"{run.path}: training stopped early at step {stopped.get('step')} of "
+                        f"{run.config.train.steps} (train.overfit_guard={stopped.get('action')}; {what})")
     return warnings
 
 
@@ -374,7 +412,8 @@ def _cross_phase_warnings(evaluated: Mapping[str, list[Run]]) -> list[str]:
 
 def write_report(root: str | Path, out: str | Path | None = None, asked_phases: Optional[Sequence[str]] = None,
                  asked_seeds: Optional[Sequence[int]] = None) -> Report:
-    """Build the report of `root` (= runs/<dataset>) and write report.md, report.csv and the PNG plots.
+    """Build the report of `root` (= runs/<dataset>) and write report.md, report.csv and the PNG plots (BLEU-4,
+    and CIDEr-D where scored: bleu4_clean_vs_attacked.png, cider_vs_epsilon.png, ...).
 
     `out` defaults to `root/report`. Returns the Report (its `main_table` is what the CLI prints).
     """
@@ -386,11 +425,13 @@ def write_report(root: str | Path, out: str | Path | None = None, asked_phases: 
     with atomic.atomic_path(out / "report.csv") as tmp:
         _write_csv(report, tmp)
     plots = []
-    for draw, name in ((_bar_plot, BAR_PLOT), (_epsilon_plot, EPSILON_PLOT)):
-        image = io.BytesIO()
-        if draw(report, image):
-            atomic.write_bytes(out / name, image.getvalue())
-            plots.append(out / name)
+    for quantity in ("bleu4", "cider"):
+        for draw, name in ((_bar_plot, BAR_PLOT), (_epsilon_plot, EPSILON_PLOT)):
+            name = name.replace("bleu4", quantity)
+            image = io.BytesIO()
+            if draw(report, image, quantity):
+                atomic.write_bytes(out / name, image.getvalue())
+                plots.append(out / name)
     atomic.write_text(out / "report.md", _markdown(report, plots))
     log.info("wrote %s/report.md, report.csv and %d plots", out, len(plots))
     return report
@@ -407,9 +448,9 @@ def _write_csv(report: Report, path: Path) -> None:
         rows.append(dict(table=table, phase=phase, split=split, condition=cond, quantity=quantity,
                          n=stat.n, mean=_fmt_num(stat.mean), std=_fmt_num(stat.std)))
 
-    for (phase, split, cond, quantity), stat in report.bleu.items():
+    for (phase, split, cond, quantity), stat in report.scores.items():
         stat_row("summary", phase, split, cond, quantity, stat)
-    for (phase, split, cond, quantity), stat in report.bleu.items():
+    for (phase, split, cond, quantity), stat in report.scores.items():
         for seed, value in stat.values.items():
             rows.append(dict(table="per_seed", phase=phase, split=split, condition=cond, quantity=quantity,
                              seed=seed, value=_fmt_num(value)))
@@ -437,32 +478,42 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def _main_table(report: Report) -> str:
-    """Phase rows × split/condition columns of BLEU-4 mean ± std over seeds, then the blind row."""
-    columns = _main_columns(report)
+def _main_table(report: Report, quantity: str = "bleu4", scale: float = 1.0) -> str:
+    """Phase rows × split/condition columns of `quantity` mean ± std over seeds (× `scale`), then the blind row.
+    A phase that fails an attack-audit check is marked ⚠."""
+    columns = _main_columns(report, quantity)
     header = ["phase", "n"] + [f"{split} {cond}" for split, cond in columns]
     rows = []
     for phase in report.phases:
         n = len(report.runs[phase])
-        cells = [phase, str(n) if n == report.n_expected else f"{n} of {report.n_expected}"]
+        flagged = any(c["ok"] is False for c in report.audit.get(phase, []))
+        cells = [phase + (" ⚠" if flagged else ""), str(n) if n == report.n_expected else f"{n} of {report.n_expected}"]
         for split, cond in columns:
-            stat = report.bleu.get((phase, split, cond, "bleu4"))
-            cells.append(stat.text(report.n_expected) if stat else "—")
+            stat = report.scores.get((phase, split, cond, quantity))
+            cells.append(stat.scaled(scale).text(report.n_expected, digits=1 if scale != 1 else 3) if stat else "—")
         rows.append(cells)
-    if report.blind:
+    blind = {split: s for split in report.splits if (s := _blind(report, split, quantity))}
+    if blind:
         n_runs = sum(len(r) for r in report.runs.values())
         cells = ["blind (zeroed images)", str(n_runs)]
         for split, cond in columns:
-            stat = report.blind.get(split) if cond == "clean" else None
-            cells.append(stat.text(n_runs) if stat else "")
+            stat = blind.get(split) if cond == "clean" else None
+            cells.append(stat.scaled(scale).text(n_runs, digits=1 if scale != 1 else 3) if stat else "")
         rows.append(cells)
     return _md_table(header, rows)
 
 
-def _main_columns(report: Report) -> list[tuple[str, str]]:
+def _blind(report: Report, split: str, quantity: str) -> Optional[Stat]:
+    """`quantity` of blind captions over all runs (keyed by run), or None."""
+    runs = [r for phase in report.phases for r in report.runs[phase]]
+    values = {i: v for i, r in enumerate(runs) if (v := _score(r, split, "blind", quantity)) is not None}
+    return Stat(values) if values else None
+
+
+def _main_columns(report: Report, quantity: str = "bleu4") -> list[tuple[str, str]]:
     """(split, condition) pairs of the main conditions that some phase has a score for."""
     return [(s, c) for s in report.splits for c in report.conditions
-            if any((p, s, c, "bleu4") in report.bleu for p in report.phases)]
+            if any((p, s, c, quantity) in report.scores for p in report.phases)]
 
 
 def _markdown(report: Report, plots: Sequence[Path]) -> str:
@@ -470,18 +521,33 @@ def _markdown(report: Report, plots: Sequence[Path]) -> str:
     parts = [
         f"# advcap report: {report.root}",
         "",
-        f"BLEU-4 (corpus BLEU, what the paper calls \"BLEU score\"), mean ± sample std (ddof=1) over seeds; n = seeds "
-        f"averaged ({n_runs} evaluated runs). {EPSILON_CONVENTION}. fgsm is FGSM at each phase's attack.epsilon "
-        f"({_epsilons_text(report)}); transfer-fgsm feeds each run FGSM images crafted on another checkpoint "
-        "(in an ablation: the same seed's baseline).",
+        f"Mean ± sample std (ddof=1) over seeds; n = seeds averaged ({n_runs} evaluated runs). {EPSILON_CONVENTION}; "
+        f"{_epsilons_text(report)}. fgsm is FGSM at each phase's attack.epsilon; pgd is PGD at the same ε from random "
+        "starts (the restart that hurts each image most by the attack loss is kept); targeted is PGD that makes the "
+        "model say another caption; transfer-fgsm feeds each run FGSM images crafted on another checkpoint (in an "
+        "ablation: the same seed's baseline). A phase marked ⚠ failed an attack-audit check (see Attack audit).",
         "",
-        "## BLEU-4 per phase, clean and attacked",
+        "## BLEU-4 per phase, clean and attacked (the paper's metric)",
+        "",
+        f"Tokens: {PAPER_TOKENS}. What the paper calls \"BLEU score\"; not comparable with a COCO-tokenised BLEU.",
         "",
         report.main_table,
         "",
         "The blind row captions zeroed images (the model does not look), averaged over all runs: read every other "
         "number against it.",
     ]
+    if report.cider_table:
+        parts += ["", "## CIDEr-D per phase, clean and attacked (the COCO caption evaluation)", "",
+                  f"Tokens: {COCO_TOKENS}; CIDEr-D ×100, as the field reports it (LAVIS, BLIP). METEOR, ROUGE-L and "
+                  "the COCO BLEU-4 are in report.csv" + (f"; SPICE: {report.spice_note}" if report.spice_note else "")
+                  + ".", "", report.cider_table]
+    targeted = _targeted_table(report)
+    if targeted:
+        parts += ["", "## Targeted attack: does the model say the attacker's caption?", "",
+                  "Success: share of images whose caption becomes the target word for word (images whose target is "
+                  "one of their own references are left out); BLEU-4 to the target.", "", targeted]
+    if report.audit:
+        parts += ["", "## Attack audit", "", _audit_text(report)]
     if report.sweep_conditions:
         parts += ["", "## BLEU-4 vs ε (FGSM sweep)", "", _sweep_table(report)]
     parts += ["", "## Per-seed BLEU-4", "", _per_seed_table(report)]
@@ -508,8 +574,36 @@ def _markdown(report: Report, plots: Sequence[Path]) -> str:
 def _epsilons_text(report: Report) -> str:
     values = sorted(set(report.epsilons.values()))
     if len(values) == 1:
-        return f"ε = {values[0]:g}"
-    return ", ".join(f"{p}: ε = {e:g}" for p, e in report.epsilons.items())
+        return epsilon_text(values[0])
+    return "; ".join(f"{p}: {epsilon_text(e)}" for p, e in report.epsilons.items())
+
+
+def _targeted_table(report: Report) -> str:
+    rows = []
+    for phase in report.phases:
+        for split in report.splits:
+            success = report.scores.get((phase, split, "targeted", "target_success"))
+            bleu = report.scores.get((phase, split, "targeted", "target_bleu4"))
+            if success or bleu:
+                rows.append([phase, split, success.scaled(100).text(report.n_expected, digits=1) + " %" if success else "—",
+                             bleu.text(report.n_expected) if bleu else "—"])
+    return _md_table(["phase", "split", "success", "BLEU-4 to the target"], rows) if rows else ""
+
+
+def _audit_text(report: Report) -> str:
+    """Per phase: each check, ✓ or ✗, with its numbers (advcap.audit)."""
+    from advcap.audit import TOLERANCE
+
+    lines = [f"Checks a robustness reviewer would make (BLEU-4, means over seeds, a tolerance of {TOLERANCE} for noise); "
+             "✗ marks what would make one suspect too weak an attack or gradient masking.", ""]
+    for phase, found in report.audit.items():
+        if not found:
+            lines.append(f"- **{phase}**: nothing to check (no attack conditions or audit in its records)")
+            continue
+        failed = [c for c in found if c["ok"] is False]
+        lines.append(f"- **{phase}**: " + ("all checks pass" if not failed else f"{len(failed)} check(s) fail ⚠"))
+        lines += [f"  - {'✓' if c['ok'] else '✗'} {c['check']}: {c['detail']}" for c in found]
+    return "\n".join(lines)
 
 
 def _sweep_table(report: Report) -> str:
@@ -521,12 +615,12 @@ def _sweep_table(report: Report) -> str:
     return _md_table(header, rows)
 
 
-def _epsilon_curve(report: Report, phase: str, split: str) -> dict[float, Stat]:
-    """ε → BLEU-4 of a phase: clean at ε=0, fgsm at the phase's attack.epsilon, and the fgsm@ε sweep."""
+def _epsilon_curve(report: Report, phase: str, split: str, quantity: str = "bleu4") -> dict[float, Stat]:
+    """ε → `quantity` of a phase: clean at ε=0, fgsm at the phase's attack.epsilon, and the fgsm@ε sweep."""
     curve = {}
     for cond, eps in [("clean", 0.0), ("fgsm", report.epsilons.get(phase)),
                       *((c, _sweep_epsilon(c)) for c in report.sweep_conditions)]:
-        stat = report.bleu.get((phase, split, cond, "bleu4"))
+        stat = report.scores.get((phase, split, cond, quantity))
         if stat and eps is not None:
             curve.setdefault(eps, stat)  # fgsm@ε equal to attack.epsilon is the same attack: shown once
     return dict(sorted(curve.items()))
@@ -535,7 +629,7 @@ def _epsilon_curve(report: Report, phase: str, split: str) -> dict[float, Stat]:
 def _per_seed_table(report: Report) -> str:
     conds = [*report.conditions, *report.sweep_conditions, "blind"]
     columns = [(s, c) for s in report.splits for c in conds
-               if any((p, s, c, "bleu4") in report.bleu for p in report.phases)]
+               if any((p, s, c, "bleu4") in report.scores for p in report.phases)]
     header = ["phase", "seed"] + [f"{s} {c}" for s, c in columns]
     rows = []
     for phase in report.phases:
@@ -597,51 +691,60 @@ def _figure(n_panels: int):
     return fig, fig.subplots(1, n_panels, squeeze=False)[0]
 
 
-def _bar_plot(report: Report, path: Any) -> Any:
-    """Grouped bars: per phase, BLEU-4 clean and under each attack (std error bars), one panel per split."""
-    if not report.splits or not report.conditions:
+def _bar_plot(report: Report, path: Any, quantity: str = "bleu4") -> Any:
+    """Grouped bars: per phase, `quantity` clean and under each attack (std error bars), one panel per split."""
+    title = METRIC_TITLES[quantity]
+    scale = 100.0 if quantity == "cider" else 1.0
+    if not report.splits or not report.conditions or not any(q == quantity for (_, _, _, q) in report.scores):
         return None
     fig, axes = _figure(len(report.splits))
     width = 0.8 / len(report.conditions)
     for ax, split in zip(axes, report.splits):
         for i, cond in enumerate(report.conditions):
-            stats = [report.bleu.get((p, split, cond, "bleu4")) for p in report.phases]
+            stats = [s.scaled(scale) if (s := report.scores.get((p, split, cond, quantity))) else None
+                     for p in report.phases]
             xs = [k + (i - (len(report.conditions) - 1) / 2) * width for k in range(len(report.phases))]
             means = [s.mean if s else math.nan for s in stats]  # nan: no bar
             errs = [s.std if s and s.n >= 2 else 0.0 for s in stats]
             ax.bar(xs, means, width, yerr=errs, capsize=3, label=cond)
-        if split in report.blind:
-            ax.axhline(report.blind[split].mean, color="gray", linestyle="--", linewidth=1, label="blind")
+        blind = _blind(report, split, quantity)
+        if blind:
+            ax.axhline(blind.mean * scale, color="gray", linestyle="--", linewidth=1, label="blind")
         ax.set_xticks(range(len(report.phases)), report.phases, rotation=20)
-        ax.set_title(f"{split}: BLEU-4, mean ± std over seeds")
-        ax.set_ylabel("BLEU-4")
-        top = max((s.mean + (s.std if s.n >= 2 else 0.0) for (_, sp, _, q), s in report.bleu.items()
-                   if sp == split and q == "bleu4"), default=1.0)
+        ax.set_title(f"{split}: {title}, mean ± std over seeds")
+        ax.set_ylabel(title)
+        top = max((scale * (s.mean + (s.std if s.n >= 2 else 0.0)) for (_, sp, _, q), s in report.scores.items()
+                   if sp == split and q == quantity), default=1.0)
         ax.set_ylim(0, max(top, 1e-3) * 1.3)  # headroom for the legend
         ax.legend(fontsize="small", ncols=len(report.conditions) + 1, loc="upper center")
     fig.savefig(path, dpi=110, format="png")
     return path
 
 
-def _epsilon_plot(report: Report, path: Any) -> Any:
-    """BLEU-4 vs FGSM ε per phase: clean at ε=0, fgsm at attack.epsilon, fgsm@ε of the sweep."""
+def _epsilon_plot(report: Report, path: Any, quantity: str = "bleu4") -> Any:
+    """`quantity` vs FGSM ε per phase: clean at ε=0, fgsm at attack.epsilon, fgsm@ε of the sweep."""
+    title = METRIC_TITLES[quantity]
+    scale = 100.0 if quantity == "cider" else 1.0
     if not report.splits:
         return None
     fig, axes = _figure(len(report.splits))
     drawn = False
     for ax, split in zip(axes, report.splits):
         for phase in report.phases:
-            curve = _epsilon_curve(report, phase, split)
+            curve = _epsilon_curve(report, phase, split, quantity)
             if curve:
-                errors = [s.std if s.n >= 2 else 0.0 for s in curve.values()]
-                ax.errorbar(list(curve), [s.mean for s in curve.values()], yerr=errors, marker="o", capsize=3, label=phase)
+                errors = [scale * s.std if s.n >= 2 else 0.0 for s in curve.values()]
+                ax.errorbar(list(curve), [scale * s.mean for s in curve.values()], yerr=errors, marker="o", capsize=3,
+                            label=phase)
                 drawn = True
-        if split in report.blind:
-            ax.axhline(report.blind[split].mean, color="gray", linestyle="--", linewidth=1, label="blind")
-        ax.set_xlabel("FGSM ε ([0,1] pixel units)")
-        ax.set_ylabel("BLEU-4")
-        ax.set_title(f"{split}: BLEU-4 vs ε")
-        ax.legend(fontsize="small")
+        blind = _blind(report, split, quantity)
+        if blind:
+            ax.axhline(scale * blind.mean, color="gray", linestyle="--", linewidth=1, label="blind")
+        ax.set_xlabel("FGSM ε ([0,1] pixel units; ×255 for /255)")
+        ax.set_ylabel(title)
+        ax.set_title(f"{split}: {title} vs ε")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
     if not drawn:
         return None
     fig.savefig(path, dpi=110, format="png")
@@ -655,6 +758,12 @@ def _cmd_report(args: argparse.Namespace) -> None:
     report = write_report(args.runs, args.out, args.phases, args.seeds)
     out = Path(args.out) if args.out else Path(args.runs) / "report"
     print(report.main_table)
+    if report.cider_table:
+        print("\nCIDEr-D ×100 (COCO caption evaluation, PTB tokenizer):\n" + report.cider_table)
+    for phase, found in report.audit.items():
+        for check in found:
+            if check["ok"] is False:
+                print(f"attack audit: {phase}: ✗ {check['check']}: {check['detail']}")
     for warning in report.warnings:
         print(f"warning: {warning}")
     if report.missing:

@@ -51,6 +51,7 @@ PARAMETERS = "parameters.json"
 TRAINING_STATE = "trainer_state.json"  # the run's own (finished flag); each checkpoint has one too
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.jsonl"
+COCO_FILES = "coco"  # the captions in the COCO results format, per split and condition
 EXPORT = "hf"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
@@ -262,10 +263,18 @@ class RunDir:
             raise ValueError(f"{name} is not a run-level JSON file")
         atomic.write_text(self.path / name, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
 
-    def write_evaluation(self, predictions: str, record: dict) -> None:
-        """The predictions, then the record that answers for them (which names the predictions' sha256)."""
+    def write_evaluation(self, predictions: str, record: dict, coco_files: Optional[dict[str, str]] = None) -> None:
+        """The COCO-format files (`coco/`, replaced whole: {path under coco/: text}), the predictions, then the
+        record that answers for them (which names the predictions' sha256), last."""
         from advcap import faults
 
+        if coco_files is not None:
+            def fill(folder: Path) -> None:
+                for name, text in coco_files.items():
+                    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                    (folder / name).write_text(text, encoding="utf-8")
+
+            atomic.replace_dir(self.path / COCO_FILES, fill)
         atomic.write_text(self.predictions_file, predictions)
         faults.point("eval.after_predictions")
         record = {**record, "predictions_sha256": hashlib.sha256(predictions.encode("utf-8")).hexdigest()}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -36,6 +36,7 @@ from advcap.step import StepSettings, train_micro_step
 from advcap.stopping import EXIT_STOPPED, StopRequest  # noqa: F401 — EXIT_STOPPED: callers know it from here
 from advcap.tblog import TrainLogger
 from advcap.tokenizer import load_tokenizer
+from advcap.validation import BestCheckpoint, Validator, better, overfit_signature
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,11 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
                                 model, attack_model, optimizer, scheduler)
     state = checkpointer.resume(resume) if resume else TrainerState()
     record["resumed_at_step"] = state.step
+    validator = Validator.for_run(cfg, manifest, tokenizer, accelerator, attack_model)
+    best = BestCheckpoint(rundir, cfg.train.keep_best) if validator and cfg.train.keep_best != "none" else None
+    if best is not None and accelerator.is_main_process:
+        best.drop_if_ahead_of(state.step)
+    validation_s = 0.0
     logger = TrainLogger(rundir.tensorboard_dir, accelerator.is_main_process)
     logger.hyperparameters(cfg, {"world_size": world, "per_rank_batch_size": per_rank, "grad_accum_steps": accum})
 
@@ -224,7 +230,7 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         log.warning("stop requested before the first step of this start: nothing new to checkpoint")
         logger.close()
         return STOPPED_NO_PROGRESS
-    while state.step < cfg.train.steps:
+    while state.step < cfg.train.steps and state.stopped_early is None:  # (a resumed early stop only finishes)
         heartbeat.beat(f"at step {state.step + 1}")
         faults.point("train.step", step=state.step + 1)
         micro = [next(batches) for _ in range(accum)]
@@ -262,6 +268,13 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
             window = _Window(device)
         if cfg.train.image_log_every_steps and state.step % cfg.train.image_log_every_steps == 0:
             _log_examples(accelerator, logger, attack_model, tokenizer, micro[-1], results[-1], state.step, cfg)
+        if validator is not None and validator.due(state.step):
+            validated = time.perf_counter()
+            action = _validate(validator, best, logger, state, cfg, attack_model)
+            validation_s += time.perf_counter() - validated
+            if action is not None:
+                checkpointer.save(state)
+                break
         if nonfinite.exhausted(state):
             path = checkpointer.save(state)
             raise AdvcapError(
@@ -277,8 +290,11 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         if checkpointer.due(state.step):
             checkpointer.save(state)
 
-    if state.step > record["resumed_at_step"] and not checkpointer.due(state.step):
+    if state.stopped_early is None and state.step > record["resumed_at_step"] and not checkpointer.due(state.step):
         checkpointer.save(state)  # the final state (not again when resumed from it)
+    if state.stopped_early is not None and state.stopped_early["action"] == "rollback":
+        agree("rolling back to checkpoints/best", lambda: best.load_into(attack_model))
+        log.warning("finishing with the weights of checkpoints/best (step %d)", state.best_step)
     wall = time.perf_counter() - started
     record["weights_sha256"] = _check_ranks_agree(accelerator, attack_model)
     logger.close()
@@ -291,6 +307,15 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
             wall_time_s=round(wall, 2),
             train_samples_per_s=round(steps_here * cfg.train.global_batch_size / max(wall, 1e-9), 2),
             nonfinite_steps=state.nonfinite_steps,
+            steps_trained=state.step,
+            validation=None if validator is None else {
+                "every_steps": cfg.train.val_every_steps, "images": validator.images, "seconds": round(validation_s, 2),
+                "share_of_wall_time": round(validation_s / max(wall, 1e-9), 4),
+                "best": None if best is None else {"metric": cfg.train.keep_best, "step": state.best_step,
+                                                   "value": state.best_value},
+            },
+            overfit_alarms=state.overfit_alarms,
+            stopped_early=state.stopped_early,
         )
         rundir.write_json(PROVENANCE, record)
         state.finished = True
@@ -299,6 +324,36 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
     agree("exporting the model and finishing the run", finish, main_only=True)
     log.info("finished %s in %.1f s", rundir, wall)
     return FINISHED
+
+
+def _validate(validator: Validator, best: BestCheckpoint | None, logger: TrainLogger, state: TrainerState,
+              cfg: Config, model: torch.nn.Module) -> str | None:
+    """Score the val subset, keep checkpoints/best, run the overfitting guard. Returns "stop" or "rollback"
+    when the guard ends training, else None. Every rank holds the same figures, so all decide alike."""
+    figures = validator()
+    logger.scalars(state.step, {f"val/{k}": v for k, v in figures.items() if k != "images"})
+    log.info("step %d validation on %d val images: %s", state.step, int(figures["images"]),
+             " ".join(f"{k}={v:.4g}" for k, v in figures.items() if k != "images"))
+    metric = cfg.train.keep_best
+    if best is not None and better(metric, figures[metric], state.best_value):
+        state.best_step, state.best_value = state.step, figures[metric]
+        agree("saving checkpoints/best", lambda: best.save(model, state.step, figures), main_only=True)
+        log.info("step %d: new best %s %.4g: saved %s", state.step, metric, figures[metric], best.path)
+    guard = cfg.train.overfit_guard
+    if guard == "off" or cfg.train.mode == "clean":
+        return None
+    signature = overfit_signature(figures, state.step, cfg.train.overfit_fgsm_share, cfg.train.overfit_min_gap)
+    state.overfit_streak = state.overfit_streak + 1 if signature else 0
+    logger.scalars(state.step, {"val/overfit_signature": float(signature is not None)})
+    if signature is None or state.overfit_streak < cfg.train.overfit_patience:
+        return None
+    alarm = replace(signature, in_a_row=state.overfit_streak)
+    state.overfit_alarms.append(alarm.as_dict())
+    log.warning("%s (train.overfit_guard=%s)", alarm.describe(), guard)
+    if guard in ("stop", "rollback"):
+        state.stopped_early = {"step": state.step, "action": guard, "reason": alarm.describe()}
+        return guard
+    return None
 
 
 def _stop_agreed(accelerator, stop: StopRequest) -> bool:

@@ -29,7 +29,7 @@ def tiny(data: Path, conditions: str = "[clean,fgsm,blind]") -> list[str]:
         f"data.shards={data / 'shards'}", f"data.tokenizer={data / 'tok'}",
         "train.steps=3", "train.global_batch_size=8", "train.warmup_steps=1", "train.log_every_steps=1",
         "train.checkpoint_every_steps=3", "eval.train_subset_images=8", "eval.batch_size=8",
-        "eval.max_new_tokens=6", f"eval.conditions={conditions}",
+        "eval.max_new_tokens=6", f"eval.conditions={conditions}", "eval.audit=false",
     ]
 
 

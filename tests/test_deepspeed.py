@@ -69,7 +69,7 @@ def runs(data, tmp_path_factory) -> dict[tuple[str, str], Path]:
         launch = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "configs" / "accelerate" / ENGINES[engine]),
                   "--num_processes", "2", "--main_process_port", str(_free_port())]
         proc = _run([*launch, "-m", "advcap.cli", "ablation", "--phases", *phases, "--seeds", "0", "--out",
-                     str(root / engine), *cfg_overrides, "eval.splits=[test]", "eval.conditions=[clean,fgsm]"], timeout=400)
+                     str(root / engine), *cfg_overrides, "eval.splits=[test]", "eval.conditions=[clean,fgsm]", "eval.coco_metrics=false", "eval.audit=false"], timeout=400)
         assert proc.returncode == 0, f"{engine}:\n{proc.stderr[-4000:]}"
         ABLATION_OUTPUT[engine] = proc.stdout
     return {(engine, phase): root / engine / phase / "seed0" for engine, phase in TRAINED}

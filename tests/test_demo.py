@@ -23,13 +23,13 @@ def test_micro_demo_runs_every_stage_and_resumes_as_a_no_op(tmp_path, capsys, mo
     monkeypatch.setitem(demo.DEMO_SETTINGS, "gpt2_pretrain_steps", 4)
     monkeypatch.setitem(demo.DEMO_SETTINGS, "global_batch_size", 8)
     out = tmp_path / "demo"
-    main(["demo", "--out", str(out), *MICRO, "eval.train_subset_images=8", "eval.pgd_steps=1"])
+    main(["demo", "--out", str(out), *MICRO, "eval.train_subset_images=8", "eval.pgd_steps=1", "eval.audit_images=8"])
     table = capsys.readouterr().out
     assert "| baseline" in table and "| adv_train" in table and "blind" in table
 
     runs = sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs").glob("*/seed*"))
     assert runs == ["adv_train/seed0", "adv_train/seed1", "baseline/seed0", "baseline/seed1"]
-    conditions = {"clean", "fgsm", "pgd", "blind", "fgsm@0.05", "fgsm@0.2"}
+    conditions = {"clean", "fgsm", "pgd", "targeted", "blind", "fgsm@0.05", "fgsm@0.2"}
     for run in runs:
         metrics = metrics_of(out / "runs" / run)
         # transfer-fgsm: images crafted on the same seed's baseline (trained first), for the other phases
@@ -37,5 +37,5 @@ def test_micro_demo_runs_every_stage_and_resumes_as_a_no_op(tmp_path, capsys, mo
     assert (out / "report" / "report.md").is_file() and (out / "report" / "report.csv").is_file()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")}
-    main(["demo", "--out", str(out), *MICRO, "eval.train_subset_images=8", "eval.pgd_steps=1"])
+    main(["demo", "--out", str(out), *MICRO, "eval.train_subset_images=8", "eval.pgd_steps=1", "eval.audit_images=8"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")} == stamps  # nothing retrained

@@ -24,23 +24,25 @@ import pytest
 import torch
 from PIL import Image
 
-from advcap.bleu import corpus_bleu_scores
+from advcap.checkpoint import load_checkpoint_weights
 from advcap.cli import main
+from advcap.conditions import caption_labels
 from advcap.config import load_config
-from advcap.rundir import run_path
 from advcap.data.manifest import load_manifest
 from advcap.data.shardwriter import convert
 from advcap.errors import AdvcapError
-from advcap.checkpoint import load_checkpoint_weights
-from advcap.evaluate import caption_labels, evaluate, load_model
-from advcap.rundir import RunDir
+from advcap.evaluate import evaluate
+from advcap.inference import load_model
+from advcap.metrics import corpus_bleu_scores
+from advcap.rundir import RunDir, run_path
 from advcap.tokenizer import train_captions, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 S = 32
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 TEMPLATES = ("a {} square", "a {} image", "a {} picture", "{} square", "the {} square")
-CONDITIONS = ["clean", "fgsm", "fgsm@0.3", "pgd", "blind", "transfer-fgsm"]
+CONDITIONS = ["clean", "fgsm", "fgsm@0.3", "pgd", "targeted", "blind", "transfer-fgsm"]
+BLEU = ("bleu1", "bleu2", "bleu3", "bleu4")
 TRAIN_SUBSET = 10
 STEPS = 60
 
@@ -51,7 +53,7 @@ def make_colour_set(root: Path, n_images: int = 48) -> tuple[Path, Path]:
     (root / "images").mkdir(parents=True, exist_ok=True)
     entries = []
     for i in range(n_images):
-        colour = list(COLORS)[i % 3]
+        colour = list(COLORS)[i % len(COLORS)]
         rgb = tuple(min(255, max(0, c + rng.randrange(-25, 26))) for c in COLORS[colour])
         name = f"img_{i:03d}.jpg"
         Image.new("RGB", (S, S), rgb).save(root / "images" / name, quality=95)
@@ -77,7 +79,7 @@ def run(tmp_path_factory) -> Path:
         "train.checkpoint_every_steps=20", "train.keep_checkpoints=2", f"run.out={root / 'runs'}",
         f"data.shards={root / 'shards'}", f"data.tokenizer={root / 'tok'}",
         "eval.splits=[test,train]", f"eval.train_subset_images={TRAIN_SUBSET}", "eval.batch_size=4",
-        "eval.max_new_tokens=8", "eval.pgd_steps=2", "eval.pgd_step_size=0.05",
+        "eval.max_new_tokens=8", "eval.pgd_steps=2", "eval.pgd_step_size=0.05", "eval.audit_images=6",
         f"eval.conditions=[{','.join(CONDITIONS)}]",
     ]
     out = run_path(load_config(None, overrides))
@@ -119,13 +121,15 @@ def test_outputs_have_the_schema_and_the_split_counts(run, evaluated):
     assert list(metrics) == ["test", "train"]
     for split, n in expected.items():
         assert list(metrics[split]) == CONDITIONS
-        for values in metrics[split].values():
-            assert set(values) == {"bleu1", "bleu2", "bleu3", "bleu4", "images"} and values["images"] == n
-            assert all(0.0 <= values[f"bleu{k}"] <= 1.0 for k in range(1, 5))
+        for condition, values in metrics[split].items():
+            coco = {"coco_bleu1", "coco_bleu2", "coco_bleu3", "coco_bleu4", "meteor", "rouge_l", "cider"}
+            targeted = {"target_success", "target_bleu4", "target_images"} if condition == "targeted" else set()
+            assert set(values) == {*BLEU, "images", *coco, *targeted} and values["images"] == n
+            assert all(0.0 <= values[key] <= 1.0 for key in [*BLEU, "meteor", "rouge_l"])
         lines = by_split(predictions, split)
         assert len(lines) == n
         for line in lines:
-            assert list(line) == ["image_id", "split", "references", "captions"]
+            assert list(line) == ["image_id", "split", "references", "captions", "targets"]
             assert list(line["captions"]) == CONDITIONS and len(line["references"]) == 5
     # The test split whole; the train subset is the first images in the loader's order (the manifest's:
     # sorted by image id), and predictions follow that order.
@@ -149,10 +153,110 @@ def test_bleu_in_metrics_is_recomputed_from_the_predictions(evaluated):
         lines = by_split(evaluated["predictions"], split)
         for condition, values in by_condition.items():
             scores = corpus_bleu_scores([p["captions"][condition] for p in lines], [p["references"] for p in lines])
-            assert scores == {k: v for k, v in values.items() if k != "images"}
+            assert scores == {k: values[k] for k in BLEU}
     # The run learned to name colours: clean captions beat the captions of a model that does not look.
     test = evaluated["metrics"]["test"]
     assert test["clean"]["bleu1"] > test["blind"]["bleu1"]
+
+
+def test_coco_metrics_equal_pycocoevalcap_run_on_the_written_files(run, evaluated):
+    """The field's numbers: pycocoevalcap itself (pycocotools' COCO + its tokenizer and scorers, as COCOEvalCap
+    runs them) on the COCO-format files the evaluation wrote, independently of the code that scored them."""
+    import contextlib
+    import io
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    from pycocotools.coco import COCO
+
+    meteor = Meteor()
+    for split in ("test", "train"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(run / "coco" / split / "references.json"))
+        for condition in ("clean", "pgd", "blind"):
+            with contextlib.redirect_stdout(io.StringIO()):
+                results = coco.loadRes(str(run / "coco" / split / f"{condition}.json"))
+                ids = coco.getImgIds()
+                gts = PTBTokenizer().tokenize({i: coco.imgToAnns[i] for i in ids})
+                res = PTBTokenizer().tokenize({i: results.imgToAnns[i] for i in ids})
+                bleu, _ = Bleu(4).compute_score(gts, res)
+            ours = evaluated["metrics"][split][condition]
+            assert [ours[f"coco_bleu{n}"] for n in range(1, 5)] == pytest.approx(bleu, abs=1e-12)
+            assert ours["meteor"] == pytest.approx(meteor.compute_score(gts, res)[0], abs=1e-12)
+            assert ours["rouge_l"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-12)
+            assert ours["cider"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
+    notes = evaluated["record"]["metric_notes"]
+    assert "nltk" in notes["bleu1..bleu4"] and "PTB tokenizer" in notes["coco_bleu1..coco_bleu4, meteor, rouge_l, cider, spice"]
+    assert notes["spice"].startswith("unavailable: its Stanford CoreNLP models")  # named, never a silent gap
+
+
+def test_pgd_with_restarts_hurts_at_least_as_much_as_fgsm(run, evaluated):
+    """On the trained colour model: PGD (random starts, the best of two per image) raises the attacked loss
+    of the references above FGSM's, and its captions score no higher."""
+    from advcap.attacks import fgsm, pgd
+
+    model, tokenizer = load_model(run)
+    cfg = load_config(run / "config.yaml")
+    manifest = load_manifest(cfg.data.shards)
+    from advcap.data.loader import EvalStream
+
+    batch = next(iter(EvalStream(manifest, "test", tokenizer, S, cfg.data.max_caption_tokens, 6)))
+    pixels, labels = batch["pixels"], batch["labels"]
+    loss = lambda x: model(x, labels)  # noqa: E731
+    per_image = lambda x: model(x, labels, per_image=True)  # noqa: E731
+    eps = cfg.attack.epsilon
+    fgsm_loss = per_image(fgsm(loss, pixels, eps)).detach()
+    starts = [pgd(loss, pixels, eps, 2.5 * eps / 10, 10, generator=torch.Generator().manual_seed(k)) for k in (1, 2)]
+    best = pgd(loss, pixels, eps, 2.5 * eps / 10, 10, generator=torch.Generator().manual_seed(1), restarts=2,
+               per_image_loss=per_image)
+    # Restarts keep, per image, the start that hurts most: at least as strong as either start alone.
+    assert torch.all(per_image(best) >= torch.maximum(*(per_image(x) for x in starts)) - 1e-4)
+    assert per_image(best).sum() >= fgsm_loss.sum()
+    test = evaluated["metrics"]["test"]
+    assert test["pgd"]["bleu4"] <= test["fgsm"]["bleu4"] + 1e-9
+
+
+def test_the_targeted_attack_makes_the_model_say_the_target(run):
+    """Targeted PGD descends the loss of a chosen caption: its likelihood rises and, at a large ε, the tiny
+    model says it for every image that had another colour. (The 60-step model's captions are two words,
+    "a <colour>", so the target is one it can say.)"""
+    from advcap.conditions import BatchCaptioner, Condition, Generation, PGDSettings
+    from advcap.data.loader import EvalStream
+    from advcap.evaluate import split_metrics
+
+    model, tokenizer = load_model(run)
+    cfg = load_config(run / "config.yaml")
+    batch = next(iter(EvalStream(load_manifest(cfg.data.shards), "test", tokenizer, S, cfg.data.max_caption_tokens, 6)))
+    target = "a red"
+    bc = BatchCaptioner(model, tokenizer, Generation(8), PGDSettings(steps=20, restarts=1), target_caption=target)
+    wanted = bc.labels([target] * 6, "cpu")
+    before = model(batch["pixels"], wanted, per_image=True)
+    images = bc.attack_pgd(batch["pixels"], wanted, 0.3, "seed", 20, 1, descend=True)
+    assert torch.all(model(images, wanted, per_image=True) < before)
+    captions, targets = bc(batch["pixels"], batch["labels"], batch["references"], [Condition("targeted", "targeted", 0.3)])
+    assert targets == {"targeted": [target] * 6}
+    records = [{"references": r, "captions": {"targeted": c}, "targets": {"targeted": t}}
+               for r, c, t in zip(batch["references"], captions["targeted"], targets["targeted"])]
+    scores = split_metrics(records, ["targeted"])["targeted"]
+    # "a red" is no image's reference, so all six count; the non-red ones said something else when clean.
+    clean, _ = bc(batch["pixels"], batch["labels"], batch["references"], [Condition("clean", "clean")])
+    assert sum(c != target for c in clean["clean"]) >= 2
+    assert scores["target_images"] == 6 and scores["target_success"] == 1.0, captions
+    # Two-word captions have no 4-gram: BLEU-4 to the target is exactly 0 even when they are the target.
+    assert scores["target_bleu4"] == 0.0
+
+
+def test_the_audit_record_holds_its_sweeps(evaluated):
+    audit = evaluated["record"]["audit"]
+    assert audit["split"] == "test" and audit["images"] == 6
+    eps = evaluated["record"]["epsilon"]["pixels"]
+    expected = {"clean", "blind", "pgd", "pgd-2x-steps", "pgd-1-start", "pgd@0.5",
+                *(f"fgsm@{min(1.0, f * eps):g}" for f in (0.25, 0.5, 1, 2, 4))}
+    assert set(audit["bleu4"]) == expected and all(0 <= v <= 1 for v in audit["bleu4"].values())
+    assert evaluated["record"]["epsilon"]["text"] == f"ε = {eps:g} ([0,1] pixels) = {eps * 255:.4g}/255 = {2 * eps:g} on [-1,1] inputs"
 
 
 def test_attacks_and_blanking_change_captions(evaluated):
@@ -218,6 +322,7 @@ def test_pgd_can_target_the_models_own_clean_caption(run, tmp_path):
     metrics = evaluate(copy, conditions=["clean", "pgd"], splits=["test"], overrides=["eval.pgd_target=clean_caption"])
     info = json.loads((copy / "metrics.json").read_text())
     assert info["settings"]["pgd_target"] == "clean_caption" and info["overrides"] == ["eval.pgd_target=clean_caption"]
+    assert info["pgd"]["target"] == "clean_caption"
     assert metrics["test"]["pgd"]["images"] == 6
 
 

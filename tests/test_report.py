@@ -156,7 +156,7 @@ def test_transfer_source_of_each_seed_is_not_a_difference(tmp_path):
         make_run(root, "adv_train", seed, {"clean": 0.6, "transfer-fgsm": value},
                  overrides=("eval.conditions=[clean,transfer-fgsm]", source))
     report = build_report(root)
-    assert report.bleu[("adv_train", "test", "transfer-fgsm", "bleu4")].mean == pytest.approx(0.4)
+    assert report.scores[("adv_train", "test", "transfer-fgsm", "bleu4")].mean == pytest.approx(0.4)
     # A transfer source that is not the run's own seed is a real difference.
     make_run(root, "adv_train", 2, {"clean": 0.6, "transfer-fgsm": 0.1},
              overrides=("eval.conditions=[clean,transfer-fgsm]", f"eval.transfer_from={root / 'baseline' / 'seed0'}"))
@@ -174,7 +174,7 @@ def test_epsilon_sweep_and_phase_missing_a_seed(tmp_path):
              overrides=(sweep,))
     report = write_report(root, tmp_path / "rep")
     assert report.sweep_conditions == ["fgsm@0.02", "fgsm@0.1"]  # ordered by ε
-    assert report.bleu[("baseline", "test", "fgsm@0.1", "bleu4")].mean == pytest.approx(0.15)
+    assert report.scores[("baseline", "test", "fgsm@0.1", "bleu4")].mean == pytest.approx(0.15)
     assert report.missing == ["freeze_gpt seed1: no run directory"]
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "BLEU-4 vs ε" in md and "ε=0.02" in md

@@ -39,7 +39,7 @@ def tiny(data: Path, *extra: str) -> list[str]:
         "model.preset=tiny", "data.image_size=32", "data.workers=0", "data.shuffle_buffer=16",
         f"data.tokenizer={data / 'tok'}", "train.steps=3", "train.global_batch_size=8", "train.warmup_steps=1",
         "train.log_every_steps=1", "eval.train_subset_images=8", "eval.batch_size=8", "eval.max_new_tokens=6",
-        "eval.conditions=[clean,fgsm,blind]", *extra,
+        "eval.conditions=[clean,fgsm,blind]", "eval.coco_metrics=false", "eval.audit=false", *extra,
     ]
 
 

@@ -38,7 +38,7 @@ def tiny(data: SimpleNamespace, *extra: str) -> list[str]:
         f"data.shards={data.shards}", f"data.tokenizer={data.tokenizer}", "train.steps=6", "train.global_batch_size=8",
         "train.warmup_steps=1", "train.lr=1e-3", "train.log_every_steps=1", "train.checkpoint_every_steps=2",
         "train.keep_checkpoints=2", "eval.splits=[test]", "eval.batch_size=8", "eval.max_new_tokens=6",
-        "eval.conditions=[clean,fgsm]", *extra,
+        "eval.conditions=[clean,fgsm]", "eval.coco_metrics=false", "eval.audit=false", *extra,
     ]
 
 

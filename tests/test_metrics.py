@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 
-from advcap.bleu import corpus_bleu_scores, tokenize
+from advcap.metrics import corpus_bleu_scores, tokenize
 
 # Hypothesis "a red circle" (c = 3) against "A red circle, on the left!" (6 words: r = 6).
 #   p1 = 3/3, p2 = 2/2, p3 = 1/1; a 3-word caption has no 4-gram, so p4 = 0/0 counts as no match.
