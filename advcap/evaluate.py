@@ -422,6 +422,8 @@ def _evaluate(rundir: RunDir, cfg: Config, select: str, conds: list[Condition], 
     def write() -> None:
         write_outputs(rundir, records, record, files)
         _log_tensorboard(rundir, metrics, final_step)
+        if select == "final":  # the card describes the export, which is the final weights
+            _update_model_card(rundir, cfg, record)
 
     agree(f"writing the evaluation of {rundir}", write, main_only=True)
     return metrics
@@ -447,6 +449,14 @@ def write_outputs(rundir: RunDir, records: Sequence[dict], record: dict, files: 
     lines = "".join(json.dumps({k: r[k] for k in keys if k in r}, ensure_ascii=False) + "\n" for r in records)
     rundir.write_evaluation(lines, record, files)
     log.info("wrote %s and %s", rundir.predictions_file, rundir.metrics_file)
+
+
+def _update_model_card(rundir: RunDir, cfg: Config, record: dict) -> None:
+    from advcap import atomic
+    from advcap.modelcard import CARD, model_card
+
+    if rundir.export_dir.is_dir():
+        atomic.write_text(rundir.export_dir / CARD, model_card(cfg, rundir.provenance(), record))
 
 
 def _log_tensorboard(rundir: RunDir, metrics: dict, step: int) -> None:

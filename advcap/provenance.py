@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import shlex
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-PACKAGES = ("advcap", "torch", "transformers", "accelerate", "deepspeed", "webdataset", "tokenizers", "nltk")
+PACKAGES = ("advcap", "torch", "transformers", "accelerate", "deepspeed", "webdataset", "tokenizers", "nltk",
+            "pycocoevalcap")
 
 
 def git_commit() -> str | None:
@@ -45,6 +48,7 @@ def collect(accelerator, **extra) -> dict:
 
     return {
         "launcher": launcher(),
+        "command": " ".join(shlex.quote(arg) for arg in [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "distributed_type": accelerator.distributed_type.value,  # e.g. MULTI_CPU, DEEPSPEED
         "zero_stage": zero_stage(accelerator),
         "mixed_precision": accelerator.mixed_precision,

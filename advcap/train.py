@@ -18,6 +18,7 @@ import logging
 import signal
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,7 @@ from advcap.distributed import (Heartbeat, agree, collectives_guarded, configure
 from advcap.errors import AdvcapError
 from advcap.freeze import apply_freeze, trainable_parameters
 from advcap.model import build_captioner, decode_captions, export_hf, tokenizer_source
+from advcap.modelcard import CARD, model_card
 from advcap.rundir import PARAMETERS, PROVENANCE, TRAINING_STATE, RunDir
 from advcap.step import StepSettings, train_micro_step
 from advcap.stopping import EXIT_STOPPED, StopRequest  # noqa: F401 — EXIT_STOPPED: callers know it from here
@@ -300,9 +302,7 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
     logger.close()
 
     def finish() -> None:
-        rundir.replace_dir(rundir.export_dir.name, lambda folder: export_hf(attack_model, tokenizer, folder))
-        log.info("exported the captioner to %s", rundir.export_dir)
-        steps_here = cfg.train.steps - record["resumed_at_step"]
+        steps_here = state.step - record["resumed_at_step"]
         record.update(
             wall_time_s=round(wall, 2),
             train_samples_per_s=round(steps_here * cfg.train.global_batch_size / max(wall, 1e-9), 2),
@@ -317,6 +317,13 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
             overfit_alarms=state.overfit_alarms,
             stopped_early=state.stopped_early,
         )
+
+        def export(folder: Path) -> None:
+            export_hf(attack_model, tokenizer, folder)
+            (folder / CARD).write_text(model_card(cfg, record), encoding="utf-8")
+
+        rundir.replace_dir(rundir.export_dir.name, export)
+        log.info("exported the captioner to %s", rundir.export_dir)
         rundir.write_json(PROVENANCE, record)
         state.finished = True
         rundir.write_json(TRAINING_STATE, asdict(state))  # last: the run counts as finished from here on

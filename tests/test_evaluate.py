@@ -371,6 +371,46 @@ def test_cli_caption_and_attack(run, evaluated, tmp_path, capsys):
     assert exit_info.value.code == 2 and "cannot read image" in capsys.readouterr().err
 
 
+def test_the_export_captions_through_the_auto_classes_as_advcap_does(run, evaluated):
+    """The HuggingFace way in (the model card's snippet): Auto classes of the installed transformers,
+    generate through them, the same caption as the evaluation's clean one."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    hf = run / "hf"
+    model = AutoModelForImageTextToText.from_pretrained(hf)
+    processor, tokenizer = AutoImageProcessor.from_pretrained(hf), AutoTokenizer.from_pretrained(hf)
+    for line in by_split(evaluated["predictions"], "test")[:3]:
+        image = Image.open(run.parents[3] / "src" / "images" / f"{line['image_id']}.jpg").convert("RGB")
+        ids = model.generate(**processor(image, return_tensors="pt"), max_new_tokens=8)
+        assert tokenizer.decode(ids[0], skip_special_tokens=True).strip() == line["captions"]["clean"]
+
+
+def test_the_readme_snippet_captions_an_image(run, evaluated, capsys):
+    readme = (REPO / "README.md").read_text()
+    snippet = readme.split("**Caption with a trained run, the HuggingFace way.**")[1].split("```python\n")[1].split("```")[0]
+    line = by_split(evaluated["predictions"], "test")[0]
+    image = run.parents[3] / "src" / "images" / f"{line['image_id']}.jpg"
+    snippet = snippet.replace('"runs/flickr8k/freeze_vit/seed0/hf"', repr(str(run / "hf")))
+    exec(snippet.replace('"photo.jpg"', repr(str(image))).replace("max_new_tokens=32", "max_new_tokens=8"), {})
+    assert capsys.readouterr().out.strip() == line["captions"]["clean"]
+
+
+def test_the_export_carries_a_model_card_with_the_evaluation(run, evaluated):
+    card = (run / "hf" / "README.md").read_text()
+    record = evaluated["record"]
+    assert card.startswith("---\nlibrary_name: transformers\n") and "pipeline_tag: image-to-text" in card
+    assert record["epsilon"]["text"] in card and "`baseline`: loss `clean`" in card
+    assert f"{STEPS} steps of global batch 8" in card and "AutoModelForImageTextToText.from_pretrained" in card
+    test = record["metrics"]["test"]
+    assert "| BLEU-4 | " + " | ".join(f"{test[c]['bleu4']:.3f}" for c in ("clean", "fgsm", "pgd", "targeted",
+                                                                          "transfer-fgsm", "blind")) + " |" in card
+
+
+def test_python_m_advcap_is_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "advcap", "eval", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--select" in proc.stdout
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
