@@ -150,8 +150,12 @@ class Captioner(torch.nn.Module):
             (B, T) token ids, T ≤ 1 + max_new_tokens; column 0 is the decoder start token, finished rows are
             padded with the pad token. Decode with `decode_captions`.
         """
+        # The decoder starts from its start token, which is also GPT-2's pad token: without a mask GPT-2
+        # cannot tell it is not padding and warns. A mask of ones says so (generate extends it per step).
+        start_mask = torch.ones(pixels.shape[0], 1, dtype=torch.long, device=pixels.device)
         return self.model.generate(
             pixel_values=self.normalize(pixels),
+            decoder_attention_mask=start_mask,
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             do_sample=False,

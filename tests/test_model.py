@@ -117,6 +117,22 @@ def test_greedy_generation_reproduces_the_trained_caption_and_stops_at_eos(train
     assert decode_captions(tokenizer, ids) == [TARGET] * 3
 
 
+def test_generation_tells_gpt2_its_start_token_is_not_padding(trained, caplog):
+    """The start token is GPT-2's pad token: advcap passes a decoder mask, so transformers has nothing to warn
+    about, and greedy and beam captions equal those of an unmasked generate."""
+    import logging
+
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process: make this call count
+    pixels = torch.rand(3, 3, S, S)
+    with caplog.at_level(logging.WARNING):
+        greedy, beams = trained.generate(pixels, max_new_tokens=12), trained.generate(pixels, 12, num_beams=3)
+    assert not [r for r in caplog.records if "attention_mask" in r.getMessage() and "padded" in r.getMessage()]
+    for ids, n in ((greedy, 1), (beams, 3)):
+        plain = trained.model.generate(pixel_values=trained.normalize(pixels), max_new_tokens=12, num_beams=n,
+                                       do_sample=False)
+        assert torch.equal(ids, plain)
+
+
 def test_export_round_trip_through_the_three_hf_classes(trained, tokenizer, tmp_path):
     from transformers import AutoTokenizer, VisionEncoderDecoderModel, ViTImageProcessor
 
