@@ -88,11 +88,13 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 def replace_dir(final: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Replace the folder `final` whole: `write(folder)` fills a new one beside it, which is fsynced and
     swapped in; an old `final` is removed only after. A kill leaves the old folder or the new one (and
-    maybe a `.<name>.tmp-new` / `.<name>.old-prev` beside it, which the next call clears)."""
+    maybe a `.<name>.tmp-new` / `.<name>.old-prev` beside it, which the next call clears), or, between the
+    two renames, only `.<name>.old-prev`, which the next call (or `recover_dir`) puts back."""
     import shutil
 
     final = Path(final)
     tmp, old = final.with_name(f".{final.name}{TEMP_MARK}new"), final.with_name(f".{final.name}.old-prev")
+    recover_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -112,6 +114,18 @@ def replace_dir(final: str | os.PathLike[str], write: Callable[[Path], object]) 
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def recover_dir(final: str | os.PathLike[str]) -> bool:
+    """After a kill between the two renames of `replace_dir` (the old folder moved aside, the new one not yet
+    in): put the old folder back. Returns whether it did."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old-prev")
+    if final.exists() or not old.is_dir():
+        return False
+    old.rename(final)
+    fsync_dir(final.parent)
+    return True
 
 
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:

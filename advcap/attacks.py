@@ -145,7 +145,7 @@ def pgd(
         loss_fn: images -> 0-dim loss, maximised.
         images: clean images, float, any shape (B,3,H,W typical), values in [0,1].
         epsilon: L∞ radius in [0,1] pixel units, ≥ 0. ε = 0 returns a copy of the images.
-        step_size: per-step size in pixel units, > 0 (commonly 2.5·ε/steps).
+        step_size: per-step size in pixel units, > 0 (commonly 2.5·ε/steps); 0 is allowed when ε = 0.
         steps: number of gradient steps, ≥ 1.
         random_start: start from a uniform random point in the ε-ball (default: yes).
             Without it the attack is deterministic.
@@ -157,7 +157,8 @@ def pgd(
         Detached adversarial images: same shape/dtype/device, in [0,1], ``|x' - x| ≤ ε``.
     """
     epsilon = _check_number("epsilon", epsilon, allow_zero=True)
-    step_size = _check_number("step_size", step_size, allow_zero=False)
+    # ε = 0 leaves nothing to travel: the usual rule's step (2.5ε/steps) is then 0, and allowed.
+    step_size = _check_number("step_size", step_size, allow_zero=epsilon == 0)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:

@@ -52,6 +52,7 @@ TRAINING_STATE = "trainer_state.json"  # the run's own (finished flag); each che
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.jsonl"
 COCO_FILES = "coco"  # the captions in the COCO results format, per split and condition
+BEST_CHECKPOINT = "best"  # checkpoints/best: kept by validation (advcap.validation), outside the rotation
 EXPORT = "hf"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
@@ -363,6 +364,10 @@ class RunDir:
         """Finish or undo checkpoint commits a kill interrupted, and remove stale temporaries (main process,
         under the lock, before training starts). Returns what was done, for the log."""
         done = [f"removed the temporary file {p.name}" for p in atomic.remove_stale_temporaries(self.path)]
+        # Folders replaced whole (the export, the COCO files, checkpoints/best): a kill between the two renames.
+        for folder in (self.export_dir, self.path / COCO_FILES, self.checkpoints_dir / BEST_CHECKPOINT):
+            if atomic.recover_dir(folder):
+                done.append(f"restored {folder.name}/ (its replacement was interrupted)")
         root = self.checkpoints_dir
         if not root.is_dir():
             return done

@@ -33,11 +33,11 @@ import torch
 
 from advcap.config import Config
 from advcap.errors import AdvcapError
+from advcap.rundir import BEST_CHECKPOINT
 
 log = logging.getLogger(__name__)
 
 CONDITIONS = ("clean", "fgsm", "pgd")
-BEST_DIR = "best"  # under checkpoints/: outside the stepNNNNNNNN rotation
 BEST_RECORD = "best.json"
 
 
@@ -94,6 +94,9 @@ class Validator:
         if not any(shard.split == "val" and shard.samples for shard in manifest.shards):
             raise AdvcapError(f"train.val_every_steps={every} needs a val split, and {cfg.data.shards} has none: "
                               "set train.val_every_steps=0 to train without validation")
+        from advcap.data.manifest import require_complete_shards
+
+        require_complete_shards(manifest, ["val"])  # now, not at the first validation hundreds of steps in
         return cls(cfg, manifest, tokenizer, accelerator, captioner)
 
     def due(self, step: int) -> bool:
@@ -127,12 +130,13 @@ class Validator:
 
     def _score_local(self) -> list[dict]:
         from advcap.attacks import fgsm, pgd
-        from advcap.conditions import generator_for
+        from advcap.conditions import PGDSettings, generator_for
         from advcap.data.loader import EvalStream, make_loader
         from advcap.model import decode_captions
 
         cfg, model, device = self.cfg, self.captioner, self.accelerator.device
         eps, steps = cfg.attack.epsilon, cfg.train.val_pgd_steps
+        step_size = PGDSettings(steps=steps, restarts=1).step(eps)
         stream = EvalStream(self.manifest, "val", self.tokenizer, cfg.data.image_size, cfg.data.max_caption_tokens,
                             cfg.eval.batch_size, self.accelerator.process_index, self.accelerator.num_processes,
                             limit=self.images)
@@ -144,7 +148,7 @@ class Validator:
             images = {
                 "clean": pixels,
                 "fgsm": fgsm(loss, pixels, eps),
-                "pgd": pgd(loss, pixels, eps, 2.5 * eps / steps, steps, random_start=True,
+                "pgd": pgd(loss, pixels, eps, step_size, steps, random_start=True,
                            generator=generator_for(device, "validation", index)),
             }
             captions, losses = {}, {}
@@ -172,7 +176,7 @@ class BestCheckpoint:
 
     @property
     def path(self) -> Path:
-        return self.rundir.checkpoints_dir / BEST_DIR
+        return self.rundir.checkpoints_dir / BEST_CHECKPOINT
 
     def record(self) -> Optional[dict]:
         try:
@@ -218,7 +222,7 @@ class BestCheckpoint:
         if self.path.exists() and (record is None or int(record.get("step", -1)) > step):
             log.warning("%s: dropping checkpoints/best of step %s, past the resumed step %d",
                         self.rundir, None if record is None else record.get("step"), step)
-            gone = self.path.with_name(f".{BEST_DIR}.old-prev")  # where replace_dir clears leftovers
+            gone = self.path.with_name(f".{BEST_CHECKPOINT}.old-prev")  # where replace_dir clears leftovers
             shutil.rmtree(gone, ignore_errors=True)
             self.path.rename(gone)
             shutil.rmtree(gone, ignore_errors=True)

@@ -182,6 +182,14 @@ def test_bounds_exact_for_pixels_near_the_ball_edges(dtype, eps):
         torch.testing.assert_close(fgsm(linear, x, eps), corner, rtol=0, atol=ULP2)
 
 
+def test_pgd_at_epsilon_zero_takes_the_rules_zero_step(loss_fn, images):
+    """ε = 0 (e.g. attack.epsilon=0 with the step rule 2.5ε/steps = 0): the clean images, not an error."""
+    out = pgd(loss_fn, images, 0.0, 0.0, 3, restarts=2, per_image_loss=lambda x: x.flatten(1).sum(1))
+    assert torch.equal(out, images)
+    with pytest.raises(ValueError, match="step_size"):
+        pgd(loss_fn, images, 0.1, 0.0, 3)
+
+
 def test_pgd_projects_every_iterate(loss_fn, images):
     # step_size ≫ ε: every point the loss is evaluated at, not only the result, must be feasible.
     adv = pgd(loss_fn, images, EPS, step_size=10 * EPS, steps=4, random_start=True,

@@ -35,6 +35,25 @@ def _umask() -> int:
     return mask
 
 
+def test_a_kill_between_the_two_renames_of_replace_dir_loses_nothing(tmp_path):
+    """The old folder moved aside, the new one not yet in (what a SIGKILL there leaves): recover() at the next
+    start puts the old one back, and so does the next replace_dir before it writes."""
+    run = RunDir(tmp_path / "run")
+    for folder in (run.export_dir, run.checkpoints_dir / "best"):
+        atomic.replace_dir(folder, lambda d: (d / "w").write_text("old"))
+        folder.rename(folder.with_name(f".{folder.name}.old-prev"))
+        folder.with_name(f".{folder.name}{atomic.TEMP_MARK}new").mkdir()  # the half-written new one
+    assert sorted(run.recover()) == ["restored best/ (its replacement was interrupted)",
+                                     "restored hf/ (its replacement was interrupted)"]
+    assert (run.export_dir / "w").read_text() == (run.checkpoints_dir / "best" / "w").read_text() == "old"
+    final = tmp_path / "export"
+    atomic.replace_dir(final, lambda d: (d / "w").write_text("old"))
+    final.rename(final.with_name(".export.old-prev"))
+    with pytest.raises(OSError):
+        atomic.replace_dir(final, lambda d: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    assert (final / "w").read_text() == "old"
+
+
 def test_replace_dir_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
     final = tmp_path / "hf"
     atomic.replace_dir(final, lambda d: (d / "a").write_text("1"))

@@ -356,7 +356,8 @@ def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_accelerate_launch_with_two_processes(data, tmp_path):
-    cfg_overrides = overrides(data, tmp_path, "train.steps=3")
+    cfg_overrides = overrides(data, tmp_path, "train.steps=3", "train.val_every_steps=3", "train.keep_best=pgd_loss",
+                              "eval.batch_size=4")
     launch = [
         str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
@@ -369,6 +370,20 @@ def test_accelerate_launch_with_two_processes(data, tmp_path):
     assert prov["per_rank_batch_size"] == 4 and prov["launcher"] == "accelerate"
     # train() gathers every rank's weight digest and raises if they differ: exit 0 + the digest = ranks agree.
     assert prov["weights_sha256"] == weights_digest(Captioner(load_export(out), S))
+    # Validation split over the two ranks (3 val batches of 4) scores what one process scores on the final weights.
+    from accelerate import Accelerator
+
+    from advcap.data.manifest import load_manifest
+    from advcap.tokenizer import load_tokenizer
+    from advcap.validation import Validator
+
+    best = json.loads((out / "checkpoints" / "best" / "best.json").read_text())
+    assert best["step"] == 3 and prov["validation"]["images"] == 12
+    cfg = load_config("adv_train", cfg_overrides)
+    alone = Validator(cfg, load_manifest(cfg.data.shards), load_tokenizer(cfg.data.tokenizer), Accelerator(cpu=True),
+                      Captioner(load_export(out), S))()
+    assert alone.keys() == best["figures"].keys()
+    assert all(alone[k] == pytest.approx(best["figures"][k], abs=1e-5) for k in alone)
 
 
 @pytest.mark.slow

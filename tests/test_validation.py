@@ -189,5 +189,16 @@ def test_validation_needs_a_val_split_and_rollback_needs_a_best(data, tmp_path):
     cfg = load_config(None, [*overrides(data, tmp_path / "runs", "train.steps=10"), f"data.shards={tmp_path / 'shards'}"])
     with pytest.raises(AdvcapError, match="train.val_every_steps=10 needs a val split.*train.val_every_steps=0"):
         train(cfg)
+    # A val shard missing is named at the start, not at the first validation.
+    import shutil
+
+    shards = shutil.copytree(data / "shards", tmp_path / "damaged")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    val_shard = next(s for s in manifest["shards"] if s["split"] == "val")["name"]
+    (shards / val_shard).unlink()
+    damaged = load_config(None, [*overrides(data, tmp_path / "runs2", "train.steps=10"), f"data.shards={shards}"])
+    with pytest.raises(AdvcapError, match=f"{val_shard}.*missing"):
+        train(damaged)
+    assert not (run_path(damaged) / "checkpoints").exists()
     with pytest.raises(AdvcapError, match="train.overfit_guard"):
         load_config(None, overrides(data, tmp_path, "train.overfit_guard=rollback", "train.keep_best=none"))
