@@ -138,3 +138,14 @@ def test_bad_inputs_are_errors():
         corpus_bleu_scores(["a"], [[]])
     with pytest.raises(ValueError, match="at least one reference"):
         corpus_bleu_scores(["a"], ["a red circle"])  # a string, not a list of references
+
+
+def test_without_java_the_coco_metrics_say_what_to_install(monkeypatch, tmp_path):
+    """A PATH with no `java`: a clear error naming the package and the switch, before any work."""
+    from advcap.errors import AdvcapError
+    from advcap.metrics import check_coco_ready, coco_scores
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    for call in (check_coco_ready, lambda: coco_scores(["a red square"], [["a red square"]])):
+        with pytest.raises(AdvcapError, match="no `java` on PATH.*default-jre-headless.*eval.coco_metrics=false"):
+            call()
