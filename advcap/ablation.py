@@ -437,7 +437,7 @@ def _run_one(planned: PlannedRun, failed_dirs: set[Path]) -> tuple[str, str, boo
         # evaluates with `cfg.eval` as given; config.yaml records them only once the metrics that answer
         # to them are written.
         try:
-            evaluate(planned.run_dir, settings=cfg.eval)
+            evaluate(planned.run_dir, settings=cfg.eval, data=cfg.data)
         except Stopped as err:
             return "stopped", f"{err} (the trained model is kept and evaluated next time)", trained
         faults.point("ablation.evaluated")
@@ -502,10 +502,10 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
         raise AdvcapError("--parallel is for one process on a CPU host; under a distributed launcher the ranks share each run")
     plan = plan_ablation(phases, args.seeds, args.out, overrides, args.config_dir)
     if args.dry_run:
-        from advcap.data.manifest import load_manifest, require_complete_shards
+        from advcap.data.manifest import data_manifest, require_complete_shards
 
-        for shards in sorted({str(p.config.data.shards) for p in plan}):
-            require_complete_shards(load_manifest(shards))  # a missing or unfinished conversion is an error now, not in every run
+        for data in {p.config.data for p in plan}:
+            require_complete_shards(data_manifest(data))  # a missing or unfinished conversion is an error now, not in every run
         print(format_plan(plan))
         return
     log.info("%s", format_plan(plan))

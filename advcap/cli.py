@@ -41,8 +41,17 @@ def _cmd_shards(args: argparse.Namespace) -> None:
 def _cmd_verify(args: argparse.Namespace) -> None:
     from advcap.data.verify import verify
 
-    if not verify(args.shards):
+    if not verify(args.shards, dict(args.samples), args.retries):
         raise SystemExit(1)
+
+
+def _split_count(text: str) -> tuple[str, int]:
+    from advcap.data.sources import SPLITS
+
+    split, _, count = text.partition("=")
+    if split not in SPLITS or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SPLIT=N with SPLIT train, val or test and N ≥ 1")
+    return split, int(count)
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -58,10 +67,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     if args.check:
-        from advcap.data.manifest import load_manifest, require_complete_shards
+        from advcap.data.manifest import data_manifest, require_complete_shards
         from advcap.rundir import run_path
 
-        require_complete_shards(load_manifest(cfg.data.shards))
+        require_complete_shards(data_manifest(cfg.data))
         print(f"ok: config {args.config} resolves; shards {cfg.data.shards} are complete; run dir {run_path(cfg)}")
         return
     outcome = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
@@ -99,7 +108,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_shards)
 
     p = sub.add_parser("verify", help="re-read every shard, check counts and hashes against manifest.json, decode every image")
-    p.add_argument("shards", help="shard directory holding manifest.json")
+    p.add_argument("shards", help="a shard folder holding manifest.json, a URL folder, or shard URLs/patterns joined by ::")
+    p.add_argument("--samples", action="append", type=_split_count, default=[], metavar="SPLIT=N",
+                   help="a split's size, for shards without a manifest beside them (repeat per split)")
+    p.add_argument("--retries", type=int, default=3, help="times a failed fetch is retried (default 3)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the train captions of a shard set")

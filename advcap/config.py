@@ -45,11 +45,28 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # run.dataset / run.phase bec
 
 
 @dataclass(frozen=True)
+class SplitSamples:
+    """Samples per split, for shards without a manifest.json beside them (else unused)."""
+
+    train: Optional[int] = None
+    """Samples in the train shards."""
+    val: Optional[int] = None
+    """Samples in the val shards."""
+    test: Optional[int] = None
+    """Samples in the test shards."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the shards are and how samples become pixels and tokens."""
 
     shards: str = "shards/demo"
-    """Directory holding manifest.json and the {split}-NNNNNN.tar shards."""
+    """A folder holding manifest.json and the tars, a URL folder, or shard URLs/patterns joined by `::`
+    (http(s)://, file:, pipe:CMD; see advcap.data.location)."""
+    samples: SplitSamples = field(default_factory=SplitSamples)
+    """Split sizes, needed only for shards without a manifest beside them."""
+    fetch_retries: int = 3
+    """Times a failed shard or manifest fetch is retried before the shard counts as bad."""
     image_size: int = 224
     """S in pixels: images are resized to exactly S×S."""
     max_caption_tokens: int = 32
@@ -458,7 +475,9 @@ def _raise_problems(problems: Iterable[Problem], sources: Mapping[str, str] | No
         raise AdvcapError("; ".join(messages))
 
 
-def _at_least(key: str, value: int, low: int) -> Iterator[Problem]:
+def _at_least(key: str, value: Optional[int], low: int, optional: bool = False) -> Iterator[Problem]:
+    if value is None and optional:
+        return
     if value < low:
         yield key, value, f"an integer >= {low}"
 
@@ -500,6 +519,9 @@ def _distinct(key: str, values: Sequence[str]) -> Iterator[Problem]:
 
 def _data_problems(d: Any) -> Iterator[Problem]:
     yield from _non_empty("data.shards", d.shards)
+    for split in EVAL_SPLITS:
+        yield from _at_least(f"data.samples.{split}", getattr(d.samples, split), 1, optional=True)
+    yield from _at_least("data.fetch_retries", d.fetch_retries, 0)
     yield from _at_least("data.image_size", d.image_size, 1)
     yield from _at_least("data.max_caption_tokens", d.max_caption_tokens, 2)
     yield from _at_least("data.workers", d.workers, 0)

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from advcap.conditions import BatchCaptioner, Condition, Generation, PGDSettings, Source, resolve_conditions
-from advcap.config import EVAL_SPLITS, Config, EvalConfig, config_to_dict, epsilon_text, load_config
+from advcap.config import EVAL_SPLITS, Config, DataConfig, EvalConfig, config_to_dict, epsilon_text, load_config
+from advcap.data.location import runs_commands
 from advcap.errors import AdvcapError
 from advcap.inference import load_model
 from advcap.metrics import COCO_TOKENS, PAPER_TOKENS, corpus_bleu_scores, tokenize
@@ -51,19 +52,27 @@ RECORD_FORMAT = 3  # metrics.json: one record of metrics (paper's and COCO's) an
 
 
 def load_run_config(
-    run: str | os.PathLike[str], overrides: Sequence[str] = (), settings: Optional[EvalConfig] = None
+    run: str | os.PathLike[str], overrides: Sequence[str] = (), settings: Optional[EvalConfig] = None,
+    data: Optional[DataConfig] = None,
 ) -> Config:
     """The resolved config of a finished run (config.yaml, a finished trainer_state.json, the hf/ export).
 
-    `overrides` (dotted, as on the command line) may change `eval.*` settings only: the model is trained.
-    `settings` (an `EvalConfig`), instead of overrides, replaces the whole `eval` section.
+    `overrides` (dotted, as on the command line) may change `eval.*` settings and where the data is read
+    from (`data.shards`, `data.samples.*`, `data.fetch_retries`) only: the model is trained.
+    `settings` (an `EvalConfig`), instead of overrides, replaces the whole `eval` section; `data`, the
+    caller's own data section (the ablation runner's), replaces the run's.
+
+    A `pipe:` shard source is a shell command: one read from a run directory's config.yaml (which may come
+    from anyone) is refused unless restated in `overrides` or `data`, so evaluating a run runs no command
+    the user did not give.
     """
     rundir = RunDir(run)
-    trained = [o for o in overrides if not o.startswith("eval.")]
+    trained = [o for o in overrides if not o.startswith(("eval.", *DATA_LOCATION_KEYS))]
     if trained:
         raise AdvcapError(
             f"override {trained[0]!r} is not allowed when evaluating a trained run; only eval.* settings "
-            "(e.g. eval.pgd_steps=20 eval.transfer_from=runs/demo/baseline/seed0)"
+            "(e.g. eval.pgd_steps=20 eval.transfer_from=runs/demo/baseline/seed0) and where the shards are "
+            "(data.shards, data.samples.*, data.fetch_retries)"
         )
     if not rundir.exists():
         raise AdvcapError(f"{rundir} is not a run directory (no config.yaml)")
@@ -75,7 +84,17 @@ def load_run_config(
     if settings is not None and overrides:
         raise AdvcapError("give either eval settings or eval.* overrides, not both")
     cfg = load_config(rundir.config_file, overrides)
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=data)
+    elif runs_commands(cfg.data.shards) and not any(o.startswith("data.shards=") for o in overrides):
+        raise AdvcapError(
+            f"{rundir.config_file}: data.shards runs a shell command ({cfg.data.shards!r}); advcap does not run "
+            f"commands read from a run directory: restate it, e.g. advcap eval {run} 'data.shards=…'"
+        )
     return dataclasses.replace(cfg, eval=settings) if settings is not None else cfg
+
+
+DATA_LOCATION_KEYS = ("data.shards=", "data.samples.", "data.fetch_retries=")
 
 
 def _batch_captioner(run: Path, cfg: Config, needs_transfer: bool, device: Any) -> BatchCaptioner:
@@ -279,6 +298,7 @@ def evaluate(
     overrides: Sequence[str] = (),
     stop: Optional[StopRequest] = None,
     settings: Optional[EvalConfig] = None,
+    data: Optional[DataConfig] = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Evaluate a finished run: captions on clean and attacked images, the paper's BLEU and the COCO caption
     metrics per split and condition, and the attack audit.
@@ -296,6 +316,7 @@ def evaluate(
         stop: checked before every batch; default the stop file of $ADVCAP_STOP_FILE (see advcap.stopping).
         settings: an `EvalConfig` used instead of the run's `eval` section (the ablation's, when only
             evaluation settings changed since training); not together with `overrides`.
+        data: a `DataConfig` used instead of the run's `data` section (the ablation's own; see load_run_config).
     Returns:
         {split: {condition: {...}}} (see the module docstring), the same on every rank; the main process also
         writes the COCO-format files, predictions.jsonl, the metrics.json record and TensorBoard scalars.
@@ -306,11 +327,11 @@ def evaluate(
             another process.
         Stopped: a stop was requested; no output was written.
     """
-    from advcap.data.manifest import load_manifest
+    from advcap.data.manifest import data_manifest
 
     rundir = RunDir(run)
     stop = stop or StopRequest()
-    cfg = load_run_config(rundir.path, overrides, settings)
+    cfg = load_run_config(rundir.path, overrides, settings, data)
     if select not in SELECTIONS:
         raise AdvcapError(f"--select {select!r} is not allowed; expected one of {' | '.join(SELECTIONS)}")
     # The eval settings these metrics answer to (recorded; the ablation re-evaluates a run when they change).
@@ -329,7 +350,7 @@ def evaluate(
         from advcap.metrics import check_coco_ready
 
         check_coco_ready()  # before any work: a missing Java is said at once
-    manifest = load_manifest(cfg.data.shards)
+    manifest = data_manifest(cfg.data)
     if accelerator is None:
         from advcap.distributed import make_accelerator
 

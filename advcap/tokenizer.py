@@ -68,14 +68,7 @@ def load_tokenizer(name_or_path: str | Path):
 
 
 def train_captions(manifest) -> list[str]:
-    """Every caption of the train split of a shard set (read from the shards' json members only)."""
-    import json
-    import tarfile
+    """Every usable caption of the train split of a shard set (images are not decoded)."""
+    from advcap.data.loader import split_metadata
 
-    captions = []
-    for shard in manifest.split("train"):
-        with tarfile.open(shard.path) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    captions += json.loads(tar.extractfile(member).read())["captions"]
-    return captions
+    return [caption for meta in split_metadata(manifest, "train") for caption in meta.captions]

@@ -26,7 +26,7 @@ from advcap import faults, provenance
 from advcap.checkpoint import Checkpointer, TrainerState
 from advcap.config import Config, grad_accum_steps, per_rank_batch_size
 from advcap.data.loader import TrainStream, make_loader
-from advcap.data.manifest import load_manifest
+from advcap.data.manifest import data_manifest
 from advcap.distributed import (Heartbeat, agree, collectives_guarded, configure_deepspeed, launch_world_size,
                                 make_accelerator, make_driver)
 from advcap.errors import AdvcapError
@@ -162,7 +162,7 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
 
     world, rank = accelerator.num_processes, accelerator.process_index
     per_rank, accum = per_rank_batch_size(cfg, world), grad_accum_steps(cfg, world)
-    manifest = load_manifest(cfg.data.shards)
+    manifest = data_manifest(cfg.data)
     tokenizer = resolve_tokenizer(cfg)
 
     set_seed(cfg.train.seed)  # the same initialisation on every rank

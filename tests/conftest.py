@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from PIL import Image
@@ -62,6 +67,21 @@ def make_tiny_shards(root: Path, n_images: int = 30) -> Path:
     convert("karpathy", annotations, images, root / "shards", resize=0, shard_size=100)
     train_tokenizer(train_captions(load_manifest(root / "shards")), root / "tok", vocab_size=300)
     return root
+
+
+@contextlib.contextmanager
+def http_server(directory: Path) -> Iterator[str]:
+    """A `python -m http.server` process serving `directory`; yields its base URL."""
+    server = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(directory)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        port = re.search(r"port (\d+)", server.stdout.readline()).group(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
 
 
 def metrics_of(run: Path) -> dict:

@@ -31,7 +31,7 @@ from advcap.config import load_config
 from advcap.data.manifest import load_manifest
 from advcap.data.shardwriter import convert
 from advcap.errors import AdvcapError
-from advcap.evaluate import evaluate
+from advcap.evaluate import evaluate, load_run_config
 from advcap.inference import load_model
 from advcap.metrics import corpus_bleu_scores
 from advcap.rundir import RunDir, run_path
@@ -341,6 +341,22 @@ def test_pgd_can_target_the_models_own_clean_caption(run, tmp_path):
 def test_user_mistakes_are_errors(run, kwargs, message):
     with pytest.raises(AdvcapError, match=message):
         evaluate(run, **kwargs)
+
+
+def test_a_pipe_command_in_a_run_directory_is_not_run_unless_restated(run, tmp_path):
+    import yaml
+
+    copy = copy_run(run, tmp_path)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    shards, marker = cfg["data"]["shards"], tmp_path / "ran"
+    cfg["data"]["shards"] = f"pipe:touch {marker}; cat {shards}/test-{{000000..000001}}.tar"
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(AdvcapError, match=r"data.shards runs a shell command .* restate it"):
+        evaluate(copy, conditions=["clean"], splits=["test"])
+    assert not marker.exists()
+    restated = load_run_config(copy, [f"data.shards=pipe:cat {shards}/test-{{000000..000001}}.tar"])
+    assert restated.data.shards.startswith("pipe:cat")
+    assert load_run_config(copy, [f"data.shards={shards}"]).data.shards == shards  # shards moved: say where
 
 
 def test_an_unfinished_run_is_refused(run, tmp_path):

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import caption, make_karpathy
+from conftest import caption, http_server, make_karpathy
 from safetensors.torch import load_file
 
 from advcap.config import load_config, shipped_configs
@@ -177,6 +177,22 @@ def test_a_stopped_and_resumed_run_ends_bit_identical(data, tmp_path, workers):
     state_b = json.loads((out / "trainer_state.json").read_text())
     assert state_a == state_b
     assert json.loads((out / "provenance.json").read_text())["resumed_at_step"] == 3
+
+
+def test_shards_over_http_train_and_resume_as_local_ones_do(data, tmp_path):
+    # The same shards served by a real HTTP server: the data order, the stop and the resume are those of
+    # the local run, so the final weights are equal.
+    extra = ("train.steps=6", "model.dropout=0.1", "train.seed=1")
+    straight = config("adv_train", data, tmp_path / "a", *extra)
+    assert train(straight) == FINISHED
+    with http_server(data.shards.parent) as base:
+        remote = config("adv_train", data, tmp_path / "b", *extra, f"data.shards={base}/shards/")
+        assert train(remote, stop_at_step=3) == STOPPED
+        assert train(remote, resume="latest") == FINISHED
+    a, b = exported_state(run_path(straight)), exported_state(run_path(remote))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    provenance = json.loads((run_path(remote) / "provenance.json").read_text())
+    assert provenance["shard_manifest_sha256"] == load_manifest(data.shards).sha256()
 
 
 # ---------------------------------------------------------------- re-runs

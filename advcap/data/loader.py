@@ -37,12 +37,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from advcap.data.images import BadImage, to_square_pixels
+from advcap.data.location import FetchError, open_url
 from advcap.data.manifest import Manifest, ShardInfo
-from advcap.data.samples import BadSample, SampleMeta, read_meta
+from advcap.data.samples import MEMBERS, BadSample, SampleMeta, sample_meta
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ log = logging.getLogger(__name__)
 MAX_EMPTY_SHARDS_IN_A_ROW = 50
 
 
-def _only_jpg_and_json(name: str) -> bool:
-    return name.endswith((".jpg", ".json"))
+def _wanted_member(name: str) -> bool:
+    return name.endswith(MEMBERS)
 
 
 @dataclass
@@ -93,10 +94,7 @@ class _ShardReader:
         pixels, metas = [], []
         for sample in samples:
             try:
-                missing = [ext for ext in ("jpg", "json") if ext not in sample]
-                if missing:
-                    raise BadSample(f"no .{' or .'.join(missing)} member")
-                meta = read_meta(sample["json"])
+                meta = sample_meta(sample)
                 image = to_square_pixels(sample["jpg"], image_size)
             except (BadSample, BadImage) as err:
                 self.bad_samples += 1
@@ -109,24 +107,45 @@ class _ShardReader:
             metas.append(meta)
         return pixels, metas
 
-    def samples(self, shard: ShardInfo) -> Iterator[dict]:
+    def samples(self, shard: ShardInfo, retries: int) -> Iterator[dict]:
+        """The raw samples of one shard; a fetch that fails (after `retries`) or a read that breaks off
+        ends the shard, with a warning naming it, and counts as a bad shard read."""
         failed: list[BaseException] = []
 
         def on_error(exn: BaseException) -> bool:
             failed.append(exn)
             return False  # stop reading this shard; the next one is tried
 
-        source = [{"url": str(shard.path)}]
         count = 0
-        for sample in wds.tarfile_samples(source, handler=on_error, select_files=_only_jpg_and_json):
-            count += 1
-            yield sample
+        try:
+            stream = open_url(shard.url, retries)
+        except FetchError as err:
+            failed.append(err)
+        else:
+            try:
+                members = tar_file_expander([{"url": shard.url, "stream": stream}], handler=on_error,
+                                            select_files=_wanted_member)
+                for sample in group_by_keys(members, handler=on_error):
+                    count += 1
+                    yield sample
+            finally:
+                try:
+                    stream.close()
+                except FetchError as err:  # a pipe: command that failed midway
+                    failed.append(err)
         if failed:
             self.bad_shards += 1
             log.warning(
                 "%s: skipping the rest of corrupt shard %s after %d samples (%d bad shard reads so far): %s",
-                self.where, shard.path, count, self.bad_shards, failed[0],
+                self.where, shard.url, count, self.bad_shards, _describe(failed[0]),
             )
+
+
+def _describe(error: BaseException) -> str:
+    """The error without the stream objects webdataset appends to its arguments."""
+    if isinstance(error, FetchError) or not error.args:
+        return str(error)
+    return f"{type(error).__name__}: {error.args[0]}"
 
 
 class TrainStream(IterableDataset):
@@ -148,13 +167,14 @@ class TrainStream(IterableDataset):
     ):
         super().__init__()
         self.shards = manifest.split(split)
+        self.retries = manifest.retries
         self.tokenize = Tokenize(tokenizer, max_tokens)
         self.pad_id = tokenizer.pad_token_id
         self.image_size, self.batch_size = image_size, batch_size
         self.seed, self.rank = seed, rank
         self.num_workers = max(1, num_workers)
         self.shuffle_buffer = shuffle_buffer
-        samples = sum(s.samples for s in self.shards)
+        samples = manifest.samples(split)
         batches_per_rank = math.ceil(samples / (batch_size * world_size))
         self.batches_per_worker = math.ceil(batches_per_rank / self.num_workers)
         self.epoch, self.skip = 0, 0
@@ -202,7 +222,7 @@ class TrainStream(IterableDataset):
         while True:
             shard = rng.choice(self.shards)
             got = 0
-            for sample in reader.samples(shard):
+            for sample in reader.samples(shard, self.retries):
                 got += 1
                 yield sample
             empty_in_a_row = 0 if got else empty_in_a_row + 1
@@ -246,12 +266,13 @@ class EvalStream(IterableDataset):
     ):
         super().__init__()
         self.shards = manifest.split(split)
+        self.retries = manifest.retries
         self.split = split
         self.tokenize = Tokenize(tokenizer, max_tokens)
         self.pad_id = tokenizer.pad_token_id
         self.image_size, self.batch_size = image_size, batch_size
         self.rank, self.world_size = rank, world_size
-        total = sum(s.samples for s in self.shards)
+        total = manifest.samples(split)
         self.images = total if limit is None else min(limit, total)
 
     def batch_indices(self, worker: int = 0, num_workers: int = 1) -> list[int]:
@@ -266,14 +287,18 @@ class EvalStream(IterableDataset):
         wanted = set(self.batch_indices(worker, num_workers))
         reader = _ShardReader(f"eval {self.split} rank {self.rank}")
         pending: dict[int, list[dict]] = {}
-        start = 0  # global index of the shard's first sample
+        start: int | None = 0  # global index of the shard's first sample; None once a count is unknown
         for shard in self.shards:
-            first_batch, last_batch = start // self.batch_size, (start + shard.samples - 1) // self.batch_size
-            start += shard.samples
-            if not wanted.intersection(range(first_batch, last_batch + 1)):
-                continue  # nothing of ours in this shard: don't even open it
-            index = start - shard.samples
-            for sample in reader.samples(shard):
+            if start is not None and shard.samples is not None:
+                first_batch, last_batch = start // self.batch_size, (start + shard.samples - 1) // self.batch_size
+                start += shard.samples
+                if not wanted.intersection(range(first_batch, last_batch + 1)):
+                    continue  # nothing of ours in this shard: don't even open it
+                index = start - shard.samples
+            elif start is not None:
+                # Shards without a manifest: every rank reads them all, in order, to number the samples.
+                index, start = start, None
+            for sample in reader.samples(shard, self.retries):
                 batch = index // self.batch_size
                 index += 1
                 if index > self.images:
@@ -282,6 +307,8 @@ class EvalStream(IterableDataset):
                     pending.setdefault(batch, []).append(sample)
                     if len(pending[batch]) == self.batch_size or index == self.images:
                         yield from self._make_batch(batch, pending.pop(batch), reader)
+            if index >= self.images:
+                break
         for batch in sorted(pending):  # batches cut short by a corrupt shard
             yield from self._make_batch(batch, pending.pop(batch), reader)
 
@@ -294,6 +321,18 @@ class EvalStream(IterableDataset):
         batch = collate(pixels, [self.tokenize(r[0]) for r in references], self.pad_id)
         batch.update(batch_index=number, image_ids=[m.image_id for m in metas], references=references)
         yield batch
+
+
+def split_metadata(manifest: Manifest, split: str) -> Iterator[SampleMeta]:
+    """Image id and captions of every usable sample of `split`, in shard order; images are not decoded."""
+    reader = _ShardReader(f"{split} captions")
+    for shard in manifest.split(split):
+        for sample in reader.samples(shard, manifest.retries):
+            try:
+                yield sample_meta(sample)
+            except BadSample as err:
+                reader.bad_samples += 1
+                log.warning("skipping bad sample %s in %s: %s", sample.get("__key__"), shard.url, err)
 
 
 def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:

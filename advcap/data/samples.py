@@ -10,6 +10,11 @@ Sample json. `image_id` is a non-empty string and `captions` a list of captions.
 loaders, `advcap verify`) accept a sample whose json is an object with a valid string image_id and
 at least one usable caption (a non-blank string of valid Unicode text); unusable captions are
 dropped, and a sample with none left is bad.
+
+Shards made by img2dataset are read as they are: such a sample has `jpg`, `txt` (its one caption)
+and a `json` of img2dataset's own (`key`, `url`, `caption`, `status`, sizes, …) without `captions`.
+Mapping: image_id = the json's `key` (else the tar key); captions = [the txt]. A json with a
+`captions` list is advcap's and wins; a `txt` is only used when the json has no `captions`.
 """
 
 from __future__ import annotations
@@ -72,6 +77,50 @@ def read_meta(data: bytes) -> SampleMeta:
     if not usable:
         raise BadSample(f"no usable caption (of {len(captions)}: blank, not strings, or not valid Unicode)")
     return SampleMeta(image_id, usable, meta)
+
+
+MEMBERS = (".jpg", ".json", ".txt")  # the only tar members readers take (never a pickle)
+
+
+def sample_meta(sample: dict) -> SampleMeta:
+    """The image id and captions of a raw tar sample (members by extension), in advcap's layout or
+    img2dataset's (see above); BadSample saying what is missing or wrong."""
+    missing = [m for m, present in (("jpg", "jpg" in sample), ("json", "json" in sample or "txt" in sample)) if not present]
+    if missing:
+        raise BadSample(f"no .{' or .'.join(missing)} member")
+    if img2dataset_layout(sample):
+        return _img2dataset_meta(sample)
+    return read_meta(sample["json"])
+
+
+def img2dataset_layout(sample: dict) -> bool:
+    """True if the sample is laid out as img2dataset writes it (a txt caption; no advcap `captions` json)."""
+    return "txt" in sample and not _advcap_json(sample.get("json"))
+
+
+def _advcap_json(data: bytes | None) -> bool:
+    """True if `data` is a json object with a `captions` key (advcap's layout, checked by read_meta)."""
+    if data is None:
+        return False
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError):
+        return True  # let read_meta name the error
+    return not isinstance(meta, dict) or "captions" in meta
+
+
+def _img2dataset_meta(sample: dict) -> SampleMeta:
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    image_id = meta.get("key", sample.get("__key__"))
+    if not is_text(image_id) or not image_id:
+        raise BadSample(f"img2dataset key is {_short(image_id)}, not a non-empty string of valid text")
+    try:
+        caption = normalise_caption(sample["txt"].decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise BadSample(f"txt caption is not UTF-8 ({err})") from None
+    if not caption:
+        raise BadSample("txt caption is blank")
+    return SampleMeta(image_id, [caption], {**meta, "image_id": image_id, "captions": [caption]})
 
 
 def _short(value: object) -> str:

@@ -57,7 +57,7 @@ def test_pixels_match_vit_image_processor(shards, tokenizer):
     stream = EvalStream(shards, "test", tokenizer, IMAGE_SIZE, 8, batch_size=4)
     batch = next(iter(stream))
     processor = ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_normalize=False)
-    with tarfile.open(shards.split("test")[0].path) as tar:
+    with tarfile.open(Path(shards.split("test")[0].url)) as tar:
         jpgs = [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")][:4]
     expected = processor([Image.open(io.BytesIO(j)).convert("RGB") for j in jpgs], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixels"], expected, atol=1e-6, rtol=0)
@@ -131,7 +131,7 @@ def test_evaluation_limit_takes_the_first_images_in_global_order(shards, tokeniz
 
 
 def test_corrupt_shard_is_skipped_with_a_warning_and_training_goes_on(shards, tokenizer, caplog):
-    victim = shards.split("train")[1].path
+    victim = Path(shards.split("train")[1].url)
     victim.write_bytes(victim.read_bytes()[:1500])  # truncated mid-member
     with caplog.at_level(logging.WARNING):
         got = list(train_stream(shards, tokenizer))
@@ -150,7 +150,7 @@ def test_pickle_members_are_never_loaded(shards, tokenizer, tmp_path):
         def __reduce__(self):
             return (Path.touch, (canary,))
 
-    shard = shards.split("test")[0].path
+    shard = Path(shards.split("test")[0].url)
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
     key = members[0][0].name.partition(".")[0]
@@ -182,7 +182,7 @@ def _meta(**fields) -> bytes:
 @pytest.fixture
 def bad_samples(shards, tmp_path):
     """A one-shard train set in which 12 of 14 samples are bad in a different way each."""
-    with tarfile.open(shards.split("train")[0].path) as tar:
+    with tarfile.open(Path(shards.split("train")[0].url)) as tar:
         jpg = next(tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg"))
     samples = [
         ("ok_first", {"jpg": jpg, "json": _meta(image_id="first")}),
@@ -226,7 +226,7 @@ def test_bad_samples_are_skipped_and_counted_in_training(bad_samples, tokenizer,
     warned = [r.getMessage() for r in caplog.records if "skipping bad sample" in r.getMessage()]
     assert len(warned) == 12
     for key, message in zip(BAD_KEYS, warned):
-        assert f"skipping bad sample {key} in {bad_samples.shards[0].path}" in message
+        assert f"skipping bad sample {key} in {bad_samples.shards[0].url}" in message
 
 
 def test_bad_samples_are_skipped_in_evaluation(bad_samples, tokenizer, caplog):

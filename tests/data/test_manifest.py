@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 import logging
 import tarfile
 
@@ -60,7 +61,7 @@ def test_check_shards_names_missing_and_truncated_shards(shard_set):
 def test_check_shards_lists_a_few_by_name_and_counts_the_rest(shard_set):
     manifest = load_manifest(shard_set)
     for shard in manifest.shards:
-        shard.path.unlink()
+        Path(shard.url).unlink()
     with pytest.raises(AdvcapError, match=r"5 of 5 shards .*train-000000.tar: missing; and 3 more"):
         require_complete_shards(manifest, shown=2)
 
