@@ -62,7 +62,8 @@ def check_trackers(names: Sequence[str]) -> None:
     missing = [n for n in names if n not in available]
     if missing:
         packages = " ".join(PACKAGES.get(n, n) for n in missing)
-        raise AdvcapError(f"log.trackers names {', '.join(missing)}, but its package is not installed: "
+        what = "its package is" if len(missing) == 1 else "their packages are"
+        raise AdvcapError(f"log.trackers names {', '.join(missing)}, but {what} not installed: "
                           f"pip install {packages} (or remove it from log.trackers)")
 
 
