@@ -191,12 +191,13 @@ def plan_ablation(
 def classify(cfg: Any) -> tuple[str, str]:
     """(RunState, detail) of the run dir of `cfg`; detail names the differing keys of a CONFLICT, or why a
     trained run is to be evaluated (not yet, new eval settings, a changed model: never a retraining)."""
+    from advcap.config import UNTRAINED
     from advcap.rundir import RunDir
 
     rundir = RunDir.of(cfg)
     if not rundir.exists():
         return RunState.NEW, ""
-    diffs = rundir.conflicts_with(cfg, ignore=("eval",))
+    diffs = rundir.conflicts_with(cfg, ignore=UNTRAINED)
     if diffs:
         return RunState.CONFLICT, f"{rundir} holds a run with a different config ({'; '.join(diffs)})"
     if not rundir.training_finished():

@@ -39,6 +39,10 @@ EVAL_CONDITIONS = ("clean", "fgsm", "pgd", "targeted", "blind", "transfer-fgsm")
 PGD_TARGETS = ("reference", "clean_caption")
 VAL_METRICS = tuple(f"{c}_{q}" for c in ("clean", "fgsm", "pgd") for q in ("bleu4", "loss"))  # advcap.validation
 OVERFIT_ACTIONS = ("off", "warn", "stop", "rollback")
+# Sections that do not change the trained model: a run may go on, and seeds be averaged, with other values there.
+UNTRAINED = ("eval", "log")
+# Accelerate's tracker names (accelerate.utils.LoggerType without "all"; tests/test_trackers.py keeps them equal).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 
 _FGSM_AT = re.compile(r"fgsm@(?P<eps>.+)")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # run.dataset / run.phase become directory names
@@ -248,6 +252,18 @@ class DistConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Where scalars, hyperparameters, attack images and evaluation metrics go (advcap.tracking)."""
+
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Accelerate trackers (TRACKERS) that receive them, each one installed; [] logs to none. The cadence is
+    train.log_every_steps and train.image_log_every_steps."""
+
+    def __post_init__(self) -> None:
+        _raise_problems(_log_problems(self))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where the run directory is."""
 
@@ -273,6 +289,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -459,6 +476,7 @@ def _problems(cfg: Any) -> list[Problem]:
         (_train_problems, cfg.train),
         (_eval_problems, cfg.eval),
         (_dist_problems, cfg.dist),
+        (_log_problems, cfg.log),
         (_run_problems, cfg.run),
     )
     return [p for check, section in checks for p in check(section)]
@@ -602,6 +620,13 @@ def _eval_problems(e: Any) -> Iterator[Problem]:
 
 def _dist_problems(d: Any) -> Iterator[Problem]:
     yield from _at_least("dist.timeout_s", d.timeout_s, 1)
+
+
+def _log_problems(log: Any) -> Iterator[Problem]:
+    for i, name in enumerate(log.trackers):
+        yield from _one_of(f"log.trackers[{i}]", name, TRACKERS)
+        if name in list(log.trackers)[:i]:
+            yield f"log.trackers[{i}]", name, "each tracker at most once"
 
 
 def _run_problems(r: Any) -> Iterator[Problem]:

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypeVar
 
 from advcap.errors import AdvcapError
 
@@ -246,7 +246,8 @@ def mixed_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16"}[precision]
 
 
-def make_accelerator(precision: str = "fp32", timeout_s: int = 600):
+def make_accelerator(precision: str = "fp32", timeout_s: int = 600, log_with: Sequence = (),
+                     project_dir: Optional[os.PathLike] = None):
     """The Accelerator for this process.
 
     Without CUDA, DDP runs on the CPU: `cpu=True` is what makes `--multi_gpu --num_processes N` start N gloo
@@ -257,6 +258,9 @@ def make_accelerator(precision: str = "fp32", timeout_s: int = 600):
     `timeout_s` bounds every collective (gloo and NCCL alike): a rank that died or hangs ends the job after
     that long instead of the backends' defaults (30 min gloo, 10 min NCCL). It takes effect when the process
     group is created, i.e. for the first Accelerator of the process.
+
+    `log_with` and `project_dir` go to Accelerate's trackers (see advcap.tracking.log_with): the run's trackers,
+    and its run directory, where trackers that take a logging directory write.
     """
     import torch
     from accelerate import Accelerator
@@ -264,12 +268,13 @@ def make_accelerator(precision: str = "fp32", timeout_s: int = 600):
 
     cuda = torch.cuda.is_available()
     timeout = timedelta(seconds=timeout_s)
+    tracking = {"log_with": list(log_with) or None, "project_dir": project_dir}
     if deepspeed_launch():
         group = InitProcessGroupKwargs(timeout=timeout) if cuda else InitProcessGroupKwargs(backend="gloo", timeout=timeout)
-        return Accelerator(mixed_precision=mixed_precision(precision), kwargs_handlers=[group])
+        return Accelerator(mixed_precision=mixed_precision(precision), kwargs_handlers=[group], **tracking)
     # No backend named: Accelerate picks it (gloo on the CPU, NCCL on GPUs), and none when run alone.
     return Accelerator(cpu=not cuda, mixed_precision=mixed_precision(precision),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)], **tracking)
 
 
 def configure_deepspeed(accelerator, global_batch: int, per_rank: int, accum: int, clip: float) -> None:

@@ -15,7 +15,8 @@ condition, targets of the targeted attack); then `metrics.json`, the one record 
 "rouge_l", "cider"[, "spice"][, "target_success", "target_bleu4", "target_images"]}}}` together with the
 `"settings"` (eval.*) they answer to, which tokenizer each number uses (`"metric_notes"`), the `"images"`
 evaluated and expected per split, whether the evaluation was `"partial"`, the `"audit"`, and the digests of
-the evaluated model(s) and of the predictions file; then TensorBoard scalars at the run's final step. Each
+the evaluated model(s) and of the predictions file; then the scalars, at the run's final step, to the run's
+`log.trackers` (advcap.tracking: TensorBoard's `eval/<split>/<condition>/<metric>`, a new MLflow run, ...). Each
 evaluation replaces the previous files; a stopped or failed one writes nothing.
 
 A split whose shards cannot all be read is an error (naming the shortfall), unless `eval.allow_partial`
@@ -41,6 +42,7 @@ from advcap.inference import load_model
 from advcap.metrics import COCO_TOKENS, PAPER_TOKENS, corpus_bleu_scores, tokenize
 from advcap.rundir import RunDir, checkpoint_step
 from advcap.stopping import StopRequest, Stopped
+from advcap.tracking import check_trackers, log_with
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +313,8 @@ def evaluate(
         conditions: condition names (see advcap.conditions); default `eval.conditions` of the run.
         splits: any of train | val | test; default `eval.splits`. The train split is limited to its
             first `eval.train_subset_images` images.
-        accelerator: an `accelerate.Accelerator`; default a new one (CPU when there is no CUDA).
+        accelerator: an `accelerate.Accelerator`; default a new one (CPU when there is no CUDA) that logs to the
+            run's `log.trackers`. A given one logs to the trackers it was made with (`log_with`).
         overrides: dotted `eval.*` overrides of the run's config (e.g. "eval.pgd_target=clean_caption").
         stop: checked before every batch; default the stop file of $ADVCAP_STOP_FILE (see advcap.stopping).
         settings: an `EvalConfig` used instead of the run's `eval` section (the ablation's, when only
@@ -319,7 +322,7 @@ def evaluate(
         data: a `DataConfig` used instead of the run's `data` section (the ablation's own; see load_run_config).
     Returns:
         {split: {condition: {...}}} (see the module docstring), the same on every rank; the main process also
-        writes the COCO-format files, predictions.jsonl, the metrics.json record and TensorBoard scalars.
+        writes the COCO-format files, predictions.jsonl, the metrics.json record and the trackers' scalars.
     Raises:
         AdvcapError: an unfinished run, unknown selection/split/condition, transfer-fgsm without
             `eval.transfer_from`, missing shards, images that could not be read (unless eval.allow_partial),
@@ -350,12 +353,14 @@ def evaluate(
         from advcap.metrics import check_coco_ready
 
         check_coco_ready()  # before any work: a missing Java is said at once
+    check_trackers(cfg.log.trackers)
     manifest = data_manifest(cfg.data)
     if accelerator is None:
         from advcap.distributed import make_accelerator
 
         # The run's precision: after training in the same process, Accelerate's state must not change.
-        accelerator = make_accelerator(cfg.train.precision, cfg.dist.timeout_s)
+        accelerator = make_accelerator(cfg.train.precision, cfg.dist.timeout_s, log_with(cfg.log.trackers, rundir),
+                                       rundir.path)
     from advcap.distributed import Heartbeat, collectives_guarded
 
     heartbeat = Heartbeat(accelerator.process_index, accelerator.num_processes)
@@ -442,7 +447,7 @@ def _evaluate(rundir: RunDir, cfg: Config, select: str, conds: list[Condition], 
 
     def write() -> None:
         write_outputs(rundir, records, record, files)
-        _log_tensorboard(rundir, metrics, final_step)
+        _log_metrics(accelerator, rundir, cfg, metrics, final_step)
         if select == "final":  # the card describes the export, which is the final weights
             _update_model_card(rundir, cfg, record)
 
@@ -480,18 +485,22 @@ def _update_model_card(rundir: RunDir, cfg: Config, record: dict) -> None:
         atomic.write_text(rundir.export_dir / CARD, model_card(cfg, rundir.provenance(), record))
 
 
-def _log_tensorboard(rundir: RunDir, metrics: dict, step: int) -> None:
-    from torch.utils.tensorboard import SummaryWriter
+def _log_metrics(accelerator: Any, rundir: RunDir, cfg: Config, metrics: dict, step: int) -> None:
+    """The headline figures as scalars `eval/<split>/<condition>/<metric>` at the run's final step, to the run's
+    trackers (with the run's config as hyperparameters where the tracker opens a run of its own)."""
+    from advcap.tracking import Trackers
 
-    writer = SummaryWriter(str(rundir.tensorboard_dir))
+    values = {f"eval/{split}/{condition}/{key}": m[key]
+              for split, by_condition in metrics.items() for condition, m in by_condition.items()
+              for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor", "target_success")
+              if isinstance(m.get(key), (int, float))}
+    trackers = Trackers(accelerator)
     try:
-        for split, by_condition in metrics.items():
-            for condition, values in by_condition.items():
-                for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor", "target_success"):
-                    if isinstance(values.get(key), (int, float)):
-                        writer.add_scalar(f"eval/{split}/{condition}/{key}", values[key], step)
+        # TensorBoard's hparams session is training's: the evaluation adds scalars to the same event folder.
+        trackers.start(rundir, cfg, f"{cfg.run.phase}-seed{cfg.train.seed}-eval", tensorboard_hparams=False)
+        trackers.scalars(step, values)
     finally:
-        writer.close()
+        trackers.close()
 
 
 # ---------------------------------------------------------------- command line

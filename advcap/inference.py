@@ -130,7 +130,7 @@ def save_attack_figure(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from advcap.tblog import amplified_difference
+    from advcap.attack_images import amplified_difference
 
     panels = [clean, adversarial, amplified_difference(clean, adversarial, epsilon)]
     titles = ["original", f"adversarial (FGSM, ε={epsilon:g} = {epsilon * 255:.3g}/255)", "difference (amplified, grey = 0)"]

@@ -211,7 +211,7 @@ def check_same_experiment(runs: Sequence[Run]) -> None:
     first = runs[0]
     reference = _answered_config(first)
     for run in runs[1:]:
-        diffs = diff_configs(reference, _answered_config(run), ignore=("train.seed", "run"))
+        diffs = diff_configs(reference, _answered_config(run), ignore=("train.seed", "run", "log"))
         if diffs:
             raise AdvcapError(
                 f"refusing to average the {run.phase} runs: {first.path} and {run.path} differ in "
@@ -396,7 +396,7 @@ def _cross_phase_warnings(evaluated: Mapping[str, list[Run]]) -> list[str]:
     if len(firsts) < 2:
         return []
     (ref_phase, ref), warnings = firsts[0], []
-    ignore = (*PHASE_KEYS, "train.seed", "run", "eval.transfer_from", "eval.conditions")
+    ignore = (*PHASE_KEYS, "train.seed", "run", "log", "eval.transfer_from", "eval.conditions")
     for phase, run in firsts[1:]:
         diffs = diff_configs(_answered_config(ref), _answered_config(run), ignore=ignore)
         if diffs:

@@ -55,6 +55,8 @@ COCO_FILES = "coco"  # the captions in the COCO results format, per split and co
 BEST_CHECKPOINT = "best"  # checkpoints/best: kept by validation (advcap.validation), outside the rotation
 EXPORT = "hf"
 TENSORBOARD = "tensorboard"
+MLFLOW = "mlflow"  # MLflow's file store, when advcap picks the tracking URI (advcap.tracking)
+DVCLIVE = "dvclive"
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 CHECKPOINT_MANIFEST = "checkpoint.json"
@@ -144,6 +146,14 @@ class RunDir:
     @property
     def tensorboard_dir(self) -> Path:
         return self.path / TENSORBOARD
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.path / MLFLOW
+
+    @property
+    def dvclive_dir(self) -> Path:
+        return self.path / DVCLIVE
 
     @property
     def checkpoints_dir(self) -> Path:

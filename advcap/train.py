@@ -2,8 +2,8 @@
 
 The loop composes components that decide when to act: the data stream (position = micro-batches
 consumed), the step (`advcap.step`), the driver of the engine (`advcap.distributed`), the checkpointer
-(`due(step)`), the non-finite policy and the logger. Every rank runs the same loop; besides the
-gradient reduction the ranks exchange two tiny reductions per optimizer step: the global target-token
+(`due(step)`), the non-finite policy and the trackers (`advcap.tracking`). Every rank runs the same loop; besides
+the gradient reduction the ranks exchange two tiny reductions per optimizer step: the global target-token
 count (loss normalisation) and a flags vector (a non-finite loss or gradient norm anywhere, a stop
 request anywhere), so all ranks skip or stop at the same step. Setup, checkpoints and the final
 export are agreed sections (`advcap.distributed.agree`): a failure on any rank is every rank's failure.
@@ -14,6 +14,7 @@ to write it is refused, naming the holder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -24,7 +25,7 @@ import torch
 
 from advcap import faults, provenance
 from advcap.checkpoint import Checkpointer, TrainerState
-from advcap.config import Config, grad_accum_steps, per_rank_batch_size
+from advcap.config import UNTRAINED, Config, grad_accum_steps, per_rank_batch_size
 from advcap.data.loader import TrainStream, make_loader
 from advcap.data.manifest import data_manifest
 from advcap.distributed import (Heartbeat, agree, collectives_guarded, configure_deepspeed, launch_world_size,
@@ -36,8 +37,8 @@ from advcap.modelcard import CARD, model_card
 from advcap.rundir import PARAMETERS, PROVENANCE, TRAINING_STATE, RunDir
 from advcap.step import StepSettings, train_micro_step
 from advcap.stopping import EXIT_STOPPED, StopRequest  # noqa: F401 — EXIT_STOPPED: callers know it from here
-from advcap.tblog import TrainLogger
 from advcap.tokenizer import load_tokenizer
+from advcap.tracking import Trackers, check_trackers, log_with
 from advcap.validation import BestCheckpoint, Validator, better, overfit_signature
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def prepare_run_dir(rundir: RunDir, cfg: Config, resume: str | None) -> str | No
     """
     for action in rundir.recover():
         log.warning("%s: %s", rundir, action)
-    diffs = rundir.conflicts_with(cfg, ignore=("eval",))  # eval settings do not touch the model
+    diffs = rundir.conflicts_with(cfg, ignore=UNTRAINED)
     if diffs:
         raise AdvcapError(f"{rundir} holds a run with a different config ({'; '.join(diffs)}); use another run.out")
     if rundir.training_finished():
@@ -134,12 +135,14 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
     previous = {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}
     heartbeat = None
     try:
-        accelerator = make_accelerator(cfg.train.precision, cfg.dist.timeout_s)
+        check_trackers(cfg.log.trackers)  # a missing tracker package is said before any work
+        rundir = RunDir.of(cfg)
+        accelerator = make_accelerator(cfg.train.precision, cfg.dist.timeout_s, log_with(cfg.log.trackers, rundir),
+                                       rundir.path)
         world = accelerator.num_processes
         if launch_world_size() != world:
             raise AdvcapError(f"the launcher started {launch_world_size()} processes but Accelerate sees {world}: "
                               "check the launch config")
-        rundir = RunDir.of(cfg)
         heartbeat = Heartbeat(accelerator.process_index, world)
         hint = "The last checkpoint is intact: run the same command with --resume auto to go on."
         with rundir.held(), collectives_guarded(heartbeat, f"training {rundir}", cfg.dist.timeout_s, hint):
@@ -147,7 +150,9 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
             if decision == FINISHED:
                 log.info("%s is already finished with this config: nothing to do", rundir)
                 return FINISHED
-            return _train(cfg, accelerator, rundir, decision, stop_at_step, heartbeat)
+            # The trackers write into the run directory: they are closed while it is held, whatever happens.
+            with contextlib.closing(Trackers(accelerator)) as trackers:
+                return _train(cfg, accelerator, rundir, decision, stop_at_step, heartbeat, trackers)
     finally:
         if heartbeat is not None:
             heartbeat.close()
@@ -156,7 +161,7 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
 
 
 def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at_step: int | None,
-           heartbeat: Heartbeat) -> str:
+           heartbeat: Heartbeat, trackers: Trackers) -> str:
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -199,8 +204,8 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
     if best is not None and accelerator.is_main_process:
         best.drop_if_ahead_of(state.step)
     validation_s = 0.0
-    logger = TrainLogger(rundir.tensorboard_dir, accelerator.is_main_process)
-    logger.hyperparameters(cfg, {"world_size": world, "per_rank_batch_size": per_rank, "grad_accum_steps": accum})
+    trackers.start(rundir, cfg, f"{cfg.run.phase}-seed{cfg.train.seed}",
+                   {"world_size": world, "per_rank_batch_size": per_rank, "grad_accum_steps": accum})
 
     stream = TrainStream(
         manifest, tokenizer, cfg.data.image_size, cfg.data.max_caption_tokens, per_rank, cfg.train.seed,
@@ -230,7 +235,6 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
     )
     if state.step < cfg.train.steps and _stop_agreed(accelerator, stop):
         log.warning("stop requested before the first step of this start: nothing new to checkpoint")
-        logger.close()
         return STOPPED_NO_PROGRESS
     while state.step < cfg.train.steps and state.stopped_early is None:  # (a resumed early stop only finishes)
         heartbeat.beat(f"at step {state.step + 1}")
@@ -266,13 +270,13 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         window.add(results, micro, local_tokens, grad_norm)
 
         if state.step % cfg.train.log_every_steps == 0 or state.step == cfg.train.steps:
-            _log_window(accelerator, logger, window, state, scheduler, cfg)
+            _log_window(accelerator, trackers, window, state, scheduler, cfg)
             window = _Window(device)
         if cfg.train.image_log_every_steps and state.step % cfg.train.image_log_every_steps == 0:
-            _log_examples(accelerator, logger, attack_model, tokenizer, micro[-1], results[-1], state.step, cfg)
+            _log_examples(accelerator, trackers, attack_model, tokenizer, micro[-1], results[-1], state.step, cfg)
         if validator is not None and validator.due(state.step):
             validated = time.perf_counter()
-            action = _validate(validator, best, logger, state, cfg, attack_model)
+            action = _validate(validator, best, trackers, state, cfg, attack_model)
             validation_s += time.perf_counter() - validated
             if action is not None:
                 checkpointer.save(state)
@@ -287,7 +291,6 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         if stop_now or state.step == stop_at_step:
             checkpointer.save(state)
             log.warning("stopped at step %d on request; continue with --resume latest", state.step)
-            logger.close()
             return STOPPED
         if checkpointer.due(state.step):
             checkpointer.save(state)
@@ -299,7 +302,6 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         log.warning("finishing with the weights of checkpoints/best (step %d)", state.best_step)
     wall = time.perf_counter() - started
     record["weights_sha256"] = _check_ranks_agree(accelerator, attack_model)
-    logger.close()
 
     def finish() -> None:
         steps_here = state.step - record["resumed_at_step"]
@@ -333,12 +335,12 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
     return FINISHED
 
 
-def _validate(validator: Validator, best: BestCheckpoint | None, logger: TrainLogger, state: TrainerState,
+def _validate(validator: Validator, best: BestCheckpoint | None, trackers: Trackers, state: TrainerState,
               cfg: Config, model: torch.nn.Module) -> str | None:
     """Score the val subset, keep checkpoints/best, run the overfitting guard. Returns "stop" or "rollback"
     when the guard ends training, else None. Every rank holds the same figures, so all decide alike."""
     figures = validator()
-    logger.scalars(state.step, {f"val/{k}": v for k, v in figures.items() if k != "images"})
+    trackers.scalars(state.step, {f"val/{k}": v for k, v in figures.items() if k != "images"})
     log.info("step %d validation on %d val images: %s", state.step, int(figures["images"]),
              " ".join(f"{k}={v:.4g}" for k, v in figures.items() if k != "images"))
     metric = cfg.train.keep_best
@@ -351,7 +353,7 @@ def _validate(validator: Validator, best: BestCheckpoint | None, logger: TrainLo
         return None
     signature = overfit_signature(figures, state.step, cfg.train.overfit_fgsm_share, cfg.train.overfit_min_gap)
     state.overfit_streak = state.overfit_streak + 1 if signature else 0
-    logger.scalars(state.step, {"val/overfit_signature": float(signature is not None)})
+    trackers.scalars(state.step, {"val/overfit_signature": float(signature is not None)})
     if signature is None or state.overfit_streak < cfg.train.overfit_patience:
         return None
     alarm = replace(signature, in_a_row=state.overfit_streak)
@@ -431,7 +433,7 @@ class _Window:
             self.grad_norms.append(torch.as_tensor(grad_norm).detach())
 
 
-def _log_window(accelerator, logger: TrainLogger, w: _Window, state: TrainerState, scheduler, cfg: Config) -> None:
+def _log_window(accelerator, trackers: Trackers, w: _Window, state: TrainerState, scheduler, cfg: Config) -> None:
     device = accelerator.device
     counts = torch.tensor([w.tokens, w.zero_n, w.bad_shards, w.bad_samples], dtype=torch.float32, device=device)
     sums = torch.cat([torch.stack([w.clean, w.adv, w.zero]).float(), counts])
@@ -450,13 +452,13 @@ def _log_window(accelerator, logger: TrainLogger, w: _Window, state: TrainerStat
         "data/bad_shard_reads": bad,
         "data/bad_samples": bad_samples,
     }
-    logger.scalars(state.step, values)
+    trackers.scalars(state.step, values)
     if accelerator.is_main_process:
         shown = " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in values.items() if v is not None and "loss" in k)
         log.info("step %d/%d %s lr=%.3g %.1f samples/s", state.step, cfg.train.steps, shown, values["train/lr"], values["train/samples_per_s"])
 
 
-def _log_examples(accelerator, logger, captioner, tokenizer, batch, result, step: int, cfg: Config) -> None:
+def _log_examples(accelerator, trackers: Trackers, captioner, tokenizer, batch, result, step: int, cfg: Config) -> None:
     """Main process only, no collectives: a grid and caption table from the step's last micro-batch."""
     if not accelerator.is_main_process or result.adv_pixels is None:
         return
@@ -469,4 +471,4 @@ def _log_examples(accelerator, logger, captioner, tokenizer, batch, result, step
         adv_caps = decode_captions(tokenizer, captioner.generate(adv, max_new_tokens=cfg.eval.max_new_tokens))
     captioner.train(was_training)
     references = tokenizer.batch_decode(batch["input_ids"][:4], skip_special_tokens=True)
-    logger.attack_examples(step, clean, adv, cfg.attack.epsilon, list(zip(references, clean_caps, adv_caps)))
+    trackers.attack_examples(step, clean, adv, cfg.attack.epsilon, list(zip(references, clean_caps, adv_caps)))
