@@ -246,11 +246,12 @@ def set_special_tokens(model: VisionEncoderDecoderModel, tokenizer: Any) -> None
 
 
 def export_hf(captioner: Captioner, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Save model, tokenizer and image processor into one directory (the run's `hf/`).
+    """Save model, tokenizer, image processor and a processor declaration into one directory (the run's `hf/`).
 
     Users caption with `VisionEncoderDecoderModel.from_pretrained(d)`, `AutoTokenizer.from_pretrained(d)`,
     `ViTImageProcessor.from_pretrained(d)`: processor(image) → `model.generate(pixel_values=...)` gives the
-    same token ids as `captioner.generate` on the same image. `model.init_from=d` resumes from it.
+    same token ids as `captioner.generate` on the same image. transformers 5's `image-text-to-text` pipeline
+    loads it too (see `_write_processor_config`). `model.init_from=d` resumes from it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,8 +259,28 @@ def export_hf(captioner: Captioner, tokenizer: Any, out_dir: str | Path) -> Path
         captioner.model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     captioner.image_processor().save_pretrained(str(out))
+    _write_processor_config(out)
     log.debug("exported the captioner to %s", out)
     return out
+
+
+# The processor class the export names: Donut's (Donut is another VisionEncoderDecoder model). Its call is
+# transformers' generic one: images to the image processor, text to the tokenizer as `input_ids`, which
+# generate() takes as the decoder prompt. TrOCR's, the other VisionEncoderDecoder processor, turns text into
+# `labels` only, and the image-text-to-text pipeline then finds no prompt (KeyError 'decoder_input_ids').
+EXPORT_PROCESSOR = "DonutProcessor"
+
+
+def _write_processor_config(out: Path) -> None:
+    """Name the export's processor: without one, transformers 5's `image-text-to-text` pipeline (the only one
+    that takes a VisionEncoderDecoderModel; 5.x removed `image-to-text`) loads the tokenizer as its
+    processor and refuses it ("Processor was loaded, but it is not an instance of `ProcessorMixin`").
+
+    Only the class goes in, in the format both 4.x and 5.x read: its image processor and tokenizer load from
+    their own files. (5.x's `save_pretrained` would nest a second copy of the image settings, which 4.x's
+    AutoProcessor refuses.)
+    """
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": EXPORT_PROCESSOR}, indent=2) + "\n")
 
 
 @contextlib.contextmanager
