@@ -1,6 +1,7 @@
 """Evaluation of a real (tiny) trained run: output schema and counts, BLEU recomputed from the predictions,
 attacks and the blind condition changing captions, transfer, best-val, TensorBoard, the CLI, the `hf/` export
-through transformers' Auto classes and pipeline, and 1 vs 2 ranks giving identical results.
+through transformers' Auto classes and pipelines (5.x in-process, 4.x in a subprocess: tests/transformers4.py),
+and 1 vs 2 ranks giving identical results.
 
 The run learns a task a tiny model masters in 60 steps: plain-colour images whose five captions name the
 colour ("a red square", "the blue square", …), so its clean captions depend on the image and attacks
@@ -36,6 +37,8 @@ from advcap.inference import caption_image, load_model
 from advcap.metrics import corpus_bleu_scores
 from advcap.rundir import RunDir, run_path
 from advcap.tokenizer import train_captions, train_tokenizer
+
+import transformers4  # tests/: transformers 4.x beside the venv's 5.x
 
 REPO = Path(__file__).resolve().parent.parent
 S = 32
@@ -423,6 +426,18 @@ def test_the_readme_pipeline_snippet_captions_as_advcap_does(run, export_caption
     for image, expected in export_captions.items():
         exec(snippet.replace('"photo.jpg"', repr(str(image))), {})
         assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.parametrize("version", sorted(transformers4.RELEASES))
+def test_the_export_captions_in_transformers_4(run, export_captions, version, pytestconfig):
+    """The export loads in transformers 4.x (a separate install, run in a subprocess): the model classes and
+    the README's `image-to-text` pipeline snippet give advcap's captions."""
+    target = transformers4.install(version, Path(pytestconfig.cache.mkdir("transformers4")))
+    snippet = readme_snippet('pipeline("image-to-text"', run / "hf")
+    out = transformers4.caption(target, run / "hf", snippet, list(export_captions), max_new_tokens=32)
+    assert out["version"] == version  # the 4.x install was imported, not the venv's 5.x
+    assert out["generate"] == list(export_captions.values())
+    assert out["snippet"] == [text + "\n" for text in export_captions.values()]
 
 
 def test_the_export_carries_a_model_card_with_the_evaluation(run, evaluated):
