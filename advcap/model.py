@@ -169,9 +169,10 @@ class Captioner(torch.nn.Module):
         run saw. The PIL backend is chosen explicitly, because it is the resize the data pipeline uses; its
         saved config says `ViTImageProcessor`, so users load it with `ViTImageProcessor.from_pretrained`.
         """
+        from transformers import ViTImageProcessorPil
         from transformers.image_utils import PILImageResampling
 
-        return _vit_processor_class()(
+        return ViTImageProcessorPil(
             do_resize=True,
             size={"height": self.image_size, "width": self.image_size},
             resample=PILImageResampling.BILINEAR,
@@ -246,20 +247,53 @@ def set_special_tokens(model: VisionEncoderDecoderModel, tokenizer: Any) -> None
 
 
 def export_hf(captioner: Captioner, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Save model, tokenizer and image processor into one directory (the run's `hf/`).
+    """Save model, tokenizer, image processor and a processor declaration into one directory (the run's `hf/`).
 
     Users caption with `VisionEncoderDecoderModel.from_pretrained(d)`, `AutoTokenizer.from_pretrained(d)`,
     `ViTImageProcessor.from_pretrained(d)`: processor(image) → `model.generate(pixel_values=...)` gives the
-    same token ids as `captioner.generate` on the same image. `model.init_from=d` resumes from it.
+    same token ids as `captioner.generate` on the same image. transformers 5's `image-text-to-text` pipeline
+    and 4.x's `image-to-text` pipeline load it too (see `_write_processor_config`, `_portable_tokenizer_class`).
+    `model.init_from=d` resumes from it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _zero_pooler(captioner.model.encoder):
         captioner.model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    _portable_tokenizer_class(out)
     captioner.image_processor().save_pretrained(str(out))
+    _write_processor_config(out)
     log.debug("exported the captioner to %s", out)
     return out
+
+
+# The processor class the export names: Donut's (Donut is another VisionEncoderDecoder model). Its call is
+# transformers' generic one: images to the image processor, text to the tokenizer as `input_ids`, which
+# generate() takes as the decoder prompt. TrOCR's, the other VisionEncoderDecoder processor, turns text into
+# `labels` only, and the image-text-to-text pipeline then finds no prompt (KeyError 'decoder_input_ids').
+EXPORT_PROCESSOR = "DonutProcessor"
+
+
+def _write_processor_config(out: Path) -> None:
+    """Name the export's processor: without one, transformers 5's `image-text-to-text` pipeline (the only one
+    that takes a VisionEncoderDecoderModel; 5.x removed `image-to-text`) loads the tokenizer as its
+    processor and refuses it ("Processor was loaded, but it is not an instance of `ProcessorMixin`").
+
+    Only the class goes in, in the format both 4.x and 5.x read: its image processor and tokenizer load from
+    their own files. (5.x's `save_pretrained` would nest a second copy of the image settings, which 4.x's
+    AutoProcessor refuses.)
+    """
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": EXPORT_PROCESSOR}, indent=2) + "\n")
+
+
+def _portable_tokenizer_class(out: Path) -> None:
+    """transformers 5 saves a tokenizer trained with `tokenizers` as `TokenizersBackend`, a name 4.x does not
+    know; `PreTrainedTokenizerFast` is 5.x's own alias of that class and the name 4.x loads it by."""
+    path = out / "tokenizer_config.json"
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -449,12 +483,3 @@ def _image_stats(source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return HALF, HALF
     settings = json.loads(Path(path).read_text())
     return tuple(settings.get("image_mean", HALF)), tuple(settings.get("image_std", HALF))
-
-
-def _vit_processor_class() -> type:
-    """The PIL-backed ViT processor: `ViTImageProcessorPil` (transformers ≥ 5) or `ViTImageProcessor` (4.x)."""
-    try:
-        from transformers import ViTImageProcessorPil
-    except ImportError:
-        from transformers import ViTImageProcessor as ViTImageProcessorPil
-    return ViTImageProcessorPil

@@ -1,6 +1,7 @@
 """Evaluation of a real (tiny) trained run: output schema and counts, BLEU recomputed from the predictions,
-attacks and the blind condition changing captions, transfer, best-val, TensorBoard, the CLI, and 1 vs 2
-ranks giving identical results.
+attacks and the blind condition changing captions, transfer, best-val, TensorBoard, the CLI, the `hf/` export
+through transformers' Auto classes and pipelines (5.x in-process, 4.x in a subprocess: tests/transformers4.py),
+and 1 vs 2 ranks giving identical results.
 
 The run learns a task a tiny model masters in 60 steps: plain-colour images whose five captions name the
 colour ("a red square", "the blue square", …), so its clean captions depend on the image and attacks
@@ -32,10 +33,12 @@ from advcap.data.manifest import load_manifest
 from advcap.data.shardwriter import convert
 from advcap.errors import AdvcapError
 from advcap.evaluate import evaluate, load_run_config
-from advcap.inference import load_model
+from advcap.inference import caption_image, load_model
 from advcap.metrics import corpus_bleu_scores
 from advcap.rundir import RunDir, run_path
 from advcap.tokenizer import train_captions, train_tokenizer
+
+import transformers4  # tests/: transformers 4.x beside the venv's 5.x
 
 REPO = Path(__file__).resolve().parent.parent
 S = 32
@@ -401,14 +404,56 @@ def test_the_export_captions_through_the_auto_classes_as_advcap_does(run, evalua
         assert tokenizer.decode(ids[0], skip_special_tokens=True).strip() == line["captions"]["clean"]
 
 
-def test_the_readme_snippet_captions_an_image(run, evaluated, capsys):
+def readme_snippet(contains: str, hf: Path) -> str:
+    """The python block of README's "Using advcap with your tools" section that contains `contains`, its
+    example run's export replaced by `hf`."""
     readme = (REPO / "README.md").read_text()
-    snippet = readme.split("**Caption with a trained run, the HuggingFace way.**")[1].split("```python\n")[1].split("```")[0]
+    section = readme.split("## Using advcap with your tools")[1].split("\n## ")[0]
+    blocks = [block.split("```")[0] for block in section.split("```python\n")[1:]]
+    (snippet,) = [block for block in blocks if contains in block]
+    return snippet.replace('"runs/flickr8k/freeze_vit/seed0/hf"', repr(str(hf)))
+
+
+def test_the_readme_snippet_captions_an_image(run, evaluated, capsys):
     line = by_split(evaluated["predictions"], "test")[0]
     image = run.parents[3] / "src" / "images" / f"{line['image_id']}.jpg"
-    snippet = snippet.replace('"runs/flickr8k/freeze_vit/seed0/hf"', repr(str(run / "hf")))
+    snippet = readme_snippet("AutoModelForImageTextToText", run / "hf")
     exec(snippet.replace('"photo.jpg"', repr(str(image))).replace("max_new_tokens=32", "max_new_tokens=8"), {})
     assert capsys.readouterr().out.strip() == line["captions"]["clean"]
+
+
+@pytest.fixture(scope="module")
+def export_captions(run, evaluated) -> dict[Path, str]:
+    """Three test images → `advcap caption --model RUN/hf`'s caption: the export's own generation settings
+    (greedy, at most 32 new tokens), which a user of the export gets by default."""
+    images = [run.parents[3] / "src" / "images" / f"{line['image_id']}.jpg"
+              for line in by_split(evaluated["predictions"], "test")[:3]]
+    captions = {image: caption_image(image, run / "hf") for image in images}
+    clean = {line["image_id"]: line["captions"]["clean"] for line in evaluated["predictions"]}
+    assert all(text == clean[image.stem] for image, text in captions.items())  # what the evaluation said too
+    assert len(set(captions.values())) > 1  # captions depend on the image, so a caption of another image fails
+    return captions
+
+
+def test_the_readme_pipeline_snippet_captions_as_advcap_does(run, export_captions, capsys):
+    """transformers 5's `image-text-to-text` pipeline (5.x removed `image-to-text`) loads the export (its
+    processor_config.json names the processor) and, prompted with the start token, gives advcap's caption."""
+    snippet = readme_snippet('pipeline("image-text-to-text"', run / "hf")
+    for image, expected in export_captions.items():
+        exec(snippet.replace('"photo.jpg"', repr(str(image))), {})
+        assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.parametrize("version", sorted(transformers4.RELEASES))
+def test_the_export_captions_in_transformers_4(run, export_captions, version, pytestconfig):
+    """The export loads in transformers 4.x (a separate install, run in a subprocess): the model classes and
+    the README's `image-to-text` pipeline snippet give advcap's captions."""
+    target = transformers4.install(version, Path(pytestconfig.cache.mkdir("transformers4")))
+    snippet = readme_snippet('pipeline("image-to-text"', run / "hf")
+    out = transformers4.caption(target, run / "hf", snippet, list(export_captions), max_new_tokens=32)
+    assert out["version"] == version  # the 4.x install was imported, not the venv's 5.x
+    assert out["generate"] == list(export_captions.values())
+    assert out["snippet"] == [text + "\n" for text in export_captions.values()]
 
 
 def test_the_export_carries_a_model_card_with_the_evaluation(run, evaluated):
