@@ -359,53 +359,94 @@ class _Worker:
 
 def _run_parallel(plan: Sequence[PlannedRun], parallel: int) -> list[RunResult]:
     """`parallel` runs at a time in spawned worker processes (a forked child of a process that has used
-    OpenMP threads can hang), results in plan order. Runs whose model another run's transfer-fgsm needs
-    (the baselines) go first, as a wave of their own. A worker that dies (killed, out of memory) fails
-    only the run it was busy with; a new worker takes its place and the others go on."""
+    OpenMP threads can hang), results in plan order. A run whose transfer-fgsm needs another planned run's
+    model starts once that run has ended; among the runs free to start, the sources of others go first,
+    then the costliest (advcap.ablation.expected_cost), so that no core idles while runs wait and the
+    short runs fill the end. A worker that dies (killed, out of memory) fails only the run it was busy
+    with; a new worker takes its place and the others go on."""
     import multiprocessing
     from multiprocessing.connection import wait
 
-    sources = {Path(p.config.eval.transfer_from) for p in plan
-               if TRANSFER in p.config.eval.conditions and p.config.eval.transfer_from}
-    waves = [[p for p in plan if p.run_dir in sources], [p for p in plan if p.run_dir not in sources]]
     threads = max(1, (os.cpu_count() or 1) // parallel)
     log.info("running %d runs at a time, %d torch thread(s) each", parallel, threads)
     context = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
+    waiting_on = _transfer_sources(plan)
+    queue = start_order(plan, waiting_on)
     done: dict[Path, RunResult] = {}
     workers: list[_Worker] = []
     stopped = False
     try:
-        for wave in waves:
-            queue = list(wave)
-            while (queue and not stopped) or any(w.task for w in workers):
-                while queue and not stopped and len([w for w in workers if w.task]) < parallel:
-                    idle = next((w for w in workers if w.task is None), None)
-                    if idle is None:
-                        idle = _Worker(context, threads, level)
-                        workers.append(idle)
-                    idle.start(queue.pop(0), {d for d, r in done.items() if not r.ok})
-                busy = [w for w in workers if w.task is not None]
-                wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
-                for worker in busy:
-                    if not worker.conn.poll() and worker.process.is_alive():
-                        continue
-                    try:
-                        result = worker.conn.recv()
-                    except (EOFError, OSError):  # the worker's end closed: it died
-                        worker.process.join(timeout=10)
-                        result = worker.died()
-                        workers.remove(worker)
-                    worker.task = None
-                    done[result.run_dir] = result
-                    _log_result(len(done), len(plan), result)
-                    if result.status == "stopped" and not stopped:
-                        log.warning("stopping the ablation after the runs in progress; run it again to resume")
-                        stopped = True
+        while (queue and not stopped) or any(w.task for w in workers):
+            while not stopped and len([w for w in workers if w.task]) < parallel:
+                ready = next_ready(queue, waiting_on, done.keys())
+                if ready is None:
+                    break
+                queue.remove(ready)
+                idle = next((w for w in workers if w.task is None), None)
+                if idle is None:
+                    idle = _Worker(context, threads, level)
+                    workers.append(idle)
+                idle.start(ready, {d for d, r in done.items() if not r.ok})
+            busy = [w for w in workers if w.task is not None]
+            wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            for worker in busy:
+                if not worker.conn.poll() and worker.process.is_alive():
+                    continue
+                try:
+                    result = worker.conn.recv()
+                except (EOFError, OSError):  # the worker's end closed: it died
+                    worker.process.join(timeout=10)
+                    result = worker.died()
+                    workers.remove(worker)
+                worker.task = None
+                done[result.run_dir] = result
+                _log_result(len(done), len(plan), result)
+                if result.status == "stopped" and not stopped:
+                    log.warning("stopping the ablation after the runs in progress; run it again to resume")
+                    stopped = True
     finally:
         for worker in workers:
             worker.close()
     return [done[p.run_dir] for p in plan if p.run_dir in done]
+
+
+def start_order(plan: Sequence[PlannedRun], waiting_on: dict[Path, set[Path]]) -> list[PlannedRun]:
+    """The order runs are offered to free workers: sources of other runs' transfer-fgsm first, then by
+    expected cost, costliest first (longest-first leaves the short runs to even out the end)."""
+    sources = set().union(*waiting_on.values()) if waiting_on else set()
+    return sorted(plan, key=lambda p: (p.run_dir not in sources, -expected_cost(p)))
+
+
+def next_ready(queue: Sequence[PlannedRun], waiting_on: dict[Path, set[Path]], ended: Any) -> Optional[PlannedRun]:
+    """The first queued run whose transfer sources have all ended (done or failed), or None."""
+    return next((p for p in queue if waiting_on[p.run_dir] <= ended), None)
+
+
+def _transfer_sources(plan: Sequence[PlannedRun]) -> dict[Path, set[Path]]:
+    """For each planned run, the planned runs whose model its transfer-fgsm needs (none if not planned)."""
+    planned = {p.run_dir.resolve(): p.run_dir for p in plan}
+    sources = {}
+    for p in plan:
+        source = p.config.eval.transfer_from if TRANSFER in p.config.eval.conditions else None
+        resolved = Path(source).resolve() if source else None
+        sources[p.run_dir] = {planned[resolved]} if resolved in planned and planned[resolved] != p.run_dir else set()
+    return sources
+
+
+# Forward/backward passes per training step, by train.mode: the attack's input-gradient pass costs one.
+_PASSES = {"clean": 2, "adversarial": 4, "mixed": 4}
+
+
+def expected_cost(planned: PlannedRun) -> float:
+    """A relative estimate of what a run still costs, to order runs by: nothing when it is skipped, little
+    when only its evaluation is due, else its training's steps × batch × passes per step."""
+    if planned.state in (RunState.FINISHED, RunState.CONFLICT):
+        return 0.0
+    if planned.state == RunState.EVALUATE:
+        return 1.0
+    train = planned.config.train
+    return float(train.steps * train.global_batch_size * _PASSES[train.mode])
 
 
 def _run_one(planned: PlannedRun, failed_dirs: set[Path]) -> tuple[str, str, bool]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_shards, metrics_of
 
-from advcap.ablation import RunState, plan_ablation, run_plan
+from advcap.ablation import RunState, _transfer_sources, expected_cost, next_ready, plan_ablation, run_plan, start_order
 from advcap.cli import main
 from advcap.errors import AdvcapError
 
@@ -243,6 +243,41 @@ def test_parallel_runs_give_the_results_of_sequential_ones(data, tmp_path, capsy
         }
     assert results[1] == results[2]
     assert capsys.readouterr().out.count(" done ") == 4
+
+
+def simulate(plan, waiting_on, workers: int) -> tuple[list[tuple[str, int, float]], float]:
+    """(phase, seed, start time) of each run and the end time, with each run taking its expected cost."""
+    queue, running, ended, starts, now = start_order(plan, waiting_on), [], set(), [], 0.0
+    while queue or running:
+        while len(running) < workers and (run := next_ready(queue, waiting_on, ended)) is not None:
+            queue.remove(run)
+            running.append((now + expected_cost(run), run))
+            starts.append((run.phase, run.seed, now))
+        running.sort(key=lambda r: r[0])
+        now, finished = running.pop(0)
+        ended.add(finished.run_dir)
+    return starts, now
+
+
+def test_parallel_scheduling_waits_only_for_the_transfer_source_and_keeps_cores_busy(data, tmp_path):
+    phases = ["baseline", "adversarial", "adv_train", "freeze_vit", "freeze_gpt"]
+    plan = plan_ablation(phases, [0, 1, 2], tmp_path / "runs", tiny(data, "[clean,transfer-fgsm]"))
+    waiting_on = _transfer_sources(plan)
+    for run in plan:
+        expected = set() if run.phase == "baseline" else {tmp_path / "runs" / "baseline" / f"seed{run.seed}"}
+        assert waiting_on[run.run_dir] == expected
+    starts, end = simulate(plan, waiting_on, workers=2)
+    assert [(p, s) for p, s, _ in starts[:3]] == [("baseline", 0), ("baseline", 1), ("baseline", 2)]
+    started = {(p, s): t for p, s, t in starts}
+    baseline_end = {s: started[("baseline", s)] + expected_cost(next(r for r in plan if (r.phase, r.seed) == ("baseline", s)))
+                    for s in range(3)}
+    assert all(t >= baseline_end[s] for (p, s), t in started.items() if p != "baseline")
+    # No core idles while a run could start: the end is within one run of perfect packing.
+    total = sum(expected_cost(r) for r in plan)
+    assert end <= total / 2 + max(expected_cost(r) for r in plan) / 2
+    # Phase-by-phase waves (all baselines, then the rest) left a core idle through the third baseline: here
+    # a run whose baseline has ended starts beside it.
+    assert min(t for (p, _), t in started.items() if p != "baseline") < baseline_end[2]
 
 
 @pytest.mark.slow
