@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from advcap.config import MODEL_PRESETS
 from advcap.errors import AdvcapError
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class PresetArch:
     max_positions: int  # longest decoder sequence in tokens, start token included
 
 
+# What each of config.MODEL_PRESETS means (the names are defined there; `custom` names its sources explicitly).
 PRESET_ARCHS: dict[str, PresetArch] = {
     "tiny": PresetArch(32, 2, 2, 8, 32, 2, 2, 64),
     "demo": PresetArch(128, 4, 4, 8, 128, 4, 4, 64),
@@ -61,7 +63,6 @@ PRESET_ARCHS: dict[str, PresetArch] = {
 PRESET_PRETRAINED: dict[str, tuple[str, str]] = {
     "vit-base-gpt2": ("google/vit-base-patch16-224-in21k", "gpt2"),
 }
-PRESETS = (*PRESET_ARCHS, *PRESET_PRETRAINED, "custom")
 
 
 class Captioner(torch.nn.Module):
@@ -296,8 +297,8 @@ def _sources(model_cfg: Any) -> tuple[str | None, str | None, str | None]:
     `model.encoder` / `model.decoder` override the preset's side; `init_from` excludes both.
     """
     preset = str(model_cfg.preset)
-    if preset not in PRESETS:
-        raise AdvcapError(f"model.preset={preset!r} is not one of {', '.join(PRESETS)}")
+    if preset not in MODEL_PRESETS:
+        raise AdvcapError(f"model.preset={preset!r} is not one of {', '.join(MODEL_PRESETS)}")
     init_from = getattr(model_cfg, "init_from", None)
     encoder, decoder = getattr(model_cfg, "encoder", None), getattr(model_cfg, "decoder", None)
     if init_from:

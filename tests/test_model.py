@@ -263,3 +263,12 @@ def test_image_processor_matches_the_wrapper(tokenizer):
 )
 def test_tokenizer_source_is_the_decoders_own(overrides, expected):
     assert tokenizer_source(model_cfg(**overrides)) == expected
+
+
+def test_every_preset_name_has_a_meaning():
+    """The preset names are defined once (advcap.config, which validates configs); the model's tables say what
+    each builds."""
+    from advcap.config import MODEL_PRESETS
+    from advcap.model import PRESET_ARCHS, PRESET_PRETRAINED
+
+    assert sorted(MODEL_PRESETS) == sorted([*PRESET_ARCHS, *PRESET_PRETRAINED, "custom"])
