@@ -309,9 +309,11 @@ def _log_result(i: int, n: int, result: RunResult) -> None:
 def _worker_init(threads: int, level: int) -> None:
     import torch
 
+    from advcap.logs import setup_logging
+
     torch.set_num_threads(threads)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    # A spawned process starts with no logging set up: the parent's level, and its quiet, apply here too.
+    setup_logging(level, tag="[%(processName)s] ")
 
 
 def _worker_main(conn: Any, threads: int, level: int) -> None:

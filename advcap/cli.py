@@ -309,7 +309,8 @@ COMMANDS: tuple[Callable[[Any], None], ...] = (
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advcap", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and every third-party notice (see advcap.logs)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -349,17 +350,14 @@ def _exit_without_finalization(code: object) -> None:
 
 def _main(argv: list[str] | None) -> None:
     from advcap.distributed import NAMED_OS_ERRORS, describe_error, launch_rank, leave_process_group
+    from advcap.logs import setup_logging
 
     parser = _build_parser()
     args = parser.parse_args(argv)
     rank = launch_rank()
     # Under a launcher every rank runs the same code: rank 0 tells the story, the others only warn.
-    level = logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)s {f'[rank{rank}] ' if rank else ''}%(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+                  tag=f"[rank{rank}] " if rank else "")
     try:
         args.func(args)
         leave_process_group()

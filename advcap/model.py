@@ -125,7 +125,10 @@ class Captioner(torch.nn.Module):
         # The same shift as VisionEncoderDecoderModel does for `labels=`, but we reduce with a sum ourselves.
         decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
         logits = self.model(
-            pixel_values=self.normalize(pixels), decoder_input_ids=decoder_input_ids, use_cache=False
+            pixel_values=self.normalize(pixels),
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_input_mask(labels),
+            use_cache=False,
         ).logits
         if per_image:
             tokens = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
@@ -172,7 +175,7 @@ class Captioner(torch.nn.Module):
         """
         from transformers.image_utils import PILImageResampling
 
-        return _vit_processor_class()(
+        return vit_processor_class()(
             do_resize=True,
             size={"height": self.image_size, "width": self.image_size},
             resample=PILImageResampling.BILINEAR,
@@ -281,6 +284,18 @@ def _zero_pooler(encoder: torch.nn.Module):
         yield
     finally:
         encoder.pooler = None
+
+
+def decoder_input_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B,L) labels, -100 on padding after the first EOS → (B,L) long mask of the decoder inputs they shift into:
+    1 for the start token and every token of a caption, 0 for the padding after it.
+
+    The start token is GPT-2's pad token here (and so are the padding ids): the mask is how GPT-2 tells them
+    apart (without one, transformers warns). Causal attention already keeps the padding, which lies after every
+    scored position, out of the scored logits, so the loss is the same with or without it.
+    """
+    real = labels[:, :-1] != IGNORE_INDEX
+    return torch.cat([torch.ones_like(labels[:, :1], dtype=torch.bool), real], dim=1).long()
 
 
 def decode_captions(tokenizer: Any, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
@@ -452,8 +467,12 @@ def _image_stats(source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(settings.get("image_mean", HALF)), tuple(settings.get("image_std", HALF))
 
 
-def _vit_processor_class() -> type:
-    """The PIL-backed ViT processor: `ViTImageProcessorPil` (transformers ≥ 5) or `ViTImageProcessor` (4.x)."""
+def vit_processor_class() -> type:
+    """The PIL-backed ViT processor: `ViTImageProcessorPil` (transformers ≥ 5) or `ViTImageProcessor` (4.x).
+
+    In transformers 5 `ViTImageProcessor` is the torchvision backend; without torchvision (the CPU torch here
+    has none) it falls back to the PIL one and warns that it did. Naming the PIL class directly is that
+    choice made explicitly, so nothing is warned."""
     try:
         from transformers import ViTImageProcessorPil
     except ImportError:
