@@ -12,7 +12,6 @@ A failed or refused run is logged and reported; the rest goes on.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
@@ -248,7 +247,11 @@ def run_plan(plan: Sequence[PlannedRun], parallel: int = 1) -> list[RunResult]:
     which may be waiting in a collective it will never reach: that rank ends the job (the launcher stops
     the others) rather than let the ranks fall out of step; running the same command again goes on
     where it stopped.
+
+    Logs the plan first; raises AdvcapError for a `parallel` that does not suit this process (check_parallel).
     """
+    check_parallel(parallel)
+    log.info("%s", format_plan(plan))
     if parallel > 1:
         return _run_parallel(plan, parallel)
     if plan:
@@ -307,9 +310,11 @@ def _log_result(i: int, n: int, result: RunResult) -> None:
 def _worker_init(threads: int, level: int) -> None:
     import torch
 
+    from advcap.logs import setup_logging
+
     torch.set_num_threads(threads)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    # A spawned process starts with no logging set up: the parent's level, and its quiet, apply here too.
+    setup_logging(level, tag="[%(processName)s] ")
 
 
 def _worker_main(conn: Any, threads: int, level: int) -> None:
@@ -524,65 +529,38 @@ def ablation(
         parallel: runs at a time, each in its own process (see run_plan).
     Returns one RunResult per run; check `.ok`. Raises AdvcapError only for a bad plan (nothing run).
     """
-    plan = plan_ablation(phases, seeds, out, overrides, config_dir)
-    log.info("%s", format_plan(plan))
-    return run_plan(plan, parallel)
+    return run_plan(plan_ablation(phases, seeds, out, overrides, config_dir), parallel)
 
 
-# ---------------------------------------------------------------- command line
+def check_parallel(parallel: int) -> None:
+    """Raise AdvcapError unless `parallel` (runs at a time) suits this process: ≥ 1, and 1 under a launcher."""
+    from advcap.distributed import launch_world_size
 
-
-def _cmd_ablation(args: argparse.Namespace) -> None:
-    # `--phases a b model.preset=tiny` would hand the overrides to --phases: take them back.
-    phases = [p for p in args.phases if "=" not in p]
-    overrides = [*(p for p in args.phases if "=" in p), *args.overrides]
-    if args.parallel < 1:
-        raise AdvcapError(f"--parallel {args.parallel}: expected a number of runs at a time ≥ 1")
-    from advcap.distributed import launch_rank, launch_world_size
-
-    if args.parallel > 1 and launch_world_size() > 1:
+    if parallel < 1:
+        raise AdvcapError(f"--parallel {parallel}: expected a number of runs at a time ≥ 1")
+    if parallel > 1 and launch_world_size() > 1:
         raise AdvcapError("--parallel is for one process on a CPU host; under a distributed launcher the ranks share each run")
-    plan = plan_ablation(phases, args.seeds, args.out, overrides, args.config_dir)
-    if args.dry_run:
-        from advcap.data.manifest import data_manifest, require_complete_shards
 
-        for data in {p.config.data for p in plan}:
-            require_complete_shards(data_manifest(data))  # a missing or unfinished conversion is an error now, not in every run
-        print(format_plan(plan))
-        return
-    log.info("%s", format_plan(plan))
-    results = run_plan(plan, args.parallel)
-    if launch_rank() == 0:  # under `accelerate launch` every rank runs the ablation together
-        print(format_results(results))
+
+def check_shards(plan: Sequence[PlannedRun]) -> None:
+    """Raise AdvcapError unless every shard set the plan reads is complete (a dry run checks this now, not in
+    every run)."""
+    from advcap.data.manifest import data_manifest, require_complete_shards
+
+    for data in {p.config.data for p in plan}:
+        require_complete_shards(data_manifest(data))
+
+
+def raise_for_results(plan: Sequence[PlannedRun], results: Sequence[RunResult]) -> None:
+    """Turn an ablation's outcome into the process's: nothing if every planned run is done; Stopped if a stop
+    request ended it (preemption or a time limit: EXIT_STOPPED lets a SLURM task requeue itself, unless nothing
+    durable came of this start, when a requeue would only repeat it); else AdvcapError naming the runs not done."""
     bad = [r for r in results if not r.ok]
     not_started = len(plan) - len(results)
     if any(r.status == "stopped" for r in results):
-        # Preemption or a time limit, not a failure: exit EXIT_STOPPED so that a SLURM task requeues itself, unless
-        # nothing durable came of this start (then a requeue would only repeat it).
-        raise Stopped(f"stopped on request with {len(plan) - len(results) + len(bad)} of {len(plan)} runs not done",
+        raise Stopped(f"stopped on request with {not_started + len(bad)} of {len(plan)} runs not done",
                       progress=any(r.progress for r in results))
     if bad or not_started:
         names = ", ".join(f"{r.phase}/seed{r.seed} ({r.status})" for r in bad)
         more = f"; {not_started} not started" if not_started else ""
         raise AdvcapError(f"{len(bad)} of {len(plan)} runs not done: {names}{more}")
-
-
-def add_cli(subparsers: Any) -> None:
-    """Register `advcap ablation`."""
-    p = subparsers.add_parser(
-        "ablation",
-        help="train + evaluate phases × seeds locally, in sequence, into OUT/<phase>/seed<k>/ (paired design)",
-        description="Finished runs with the same config are skipped, unfinished ones resumed; a run directory "
-        "holding a different config is refused (never reused). Failed runs are reported at the end and the "
-        "exit status is non-zero; the others still run.",
-    )
-    p.add_argument("--phases", nargs="+", required=True,
-                   help="phase config names or paths, e.g. baseline adversarial adv_train freeze_vit freeze_gpt")
-    p.add_argument("--seeds", nargs="+", type=int, required=True, help="train.seed values, e.g. 0 1 2")
-    p.add_argument("--out", required=True, help="runs/<dataset>: run dirs land in OUT/<phase>/seed<k>/")
-    p.add_argument("--config-dir", default=None, help="folder searched first for <phase>.yaml")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="runs at a time, each in its own process with its share of the cores (CPU hosts, small models)")
-    p.add_argument("--dry-run", action="store_true", help="check the configs and shards, print the plan (what each run dir holds) and exit")
-    p.add_argument("overrides", nargs="*", help="dotted overrides for every phase, e.g. model.preset=tiny train.steps=100")
-    p.set_defaults(func=_cmd_ablation)

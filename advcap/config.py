@@ -33,6 +33,8 @@ from advcap.errors import AdvcapError
 MODEL_PRESETS = ("tiny", "demo", "vit-base-gpt2", "custom")
 FREEZE_MODULES = ("none", "encoder", "decoder")
 TRAIN_MODES = ("clean", "adversarial", "mixed")
+# The paper's five phases, each a shipped config of that name (configs/<phase>.yaml), in the paper's order.
+PAPER_PHASES = ("baseline", "adversarial", "adv_train", "freeze_vit", "freeze_gpt")
 PRECISIONS = ("auto", "fp32", "bf16")
 EVAL_SPLITS = ("train", "val", "test")
 EVAL_CONDITIONS = ("clean", "fgsm", "pgd", "targeted", "blind", "transfer-fgsm")  # plus "fgsm@<epsilon>"

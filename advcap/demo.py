@@ -8,16 +8,17 @@ Every stage is skipped when its output already exists, so an interrupted demo re
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from advcap.config import PAPER_PHASES
+
 log = logging.getLogger(__name__)
 
-PAPER_PHASES = ("baseline", "adversarial", "adv_train", "freeze_vit", "freeze_gpt")
+DEMO_SEEDS = (0, 1, 2)
 
 # The miniature's settings, shared by every phase (a paired design): small images and models, a few
 # hundred steps. ε = 0.1 in [0,1] pixel units: at the paper's 0.05 the tiny baseline loses too little
@@ -96,7 +97,7 @@ def prepare_data(out: Path, settings: dict, seed: int = 0) -> tuple[Path, Path]:
     return data, pretrained
 
 
-def run_demo(out: str | Path, phases: Sequence[str] = PAPER_PHASES, seeds: Sequence[int] = (0, 1, 2),
+def run_demo(out: str | Path, phases: Sequence[str] = PAPER_PHASES, seeds: Sequence[int] = DEMO_SEEDS,
              settings: dict | None = None, extra_overrides: Sequence[str] = ()) -> Any:
     """Run the miniature study into `out`; returns the report (see `advcap.report`)."""
     from advcap.ablation import ablation
@@ -119,19 +120,3 @@ def run_demo(out: str | Path, phases: Sequence[str] = PAPER_PHASES, seeds: Seque
     if failed:
         raise AdvcapError(f"{len(failed)} demo run(s) failed: " + ", ".join(f"{r.phase}/seed{r.seed}" for r in failed))
     return report
-
-
-def _cmd_demo(args: argparse.Namespace) -> None:
-    settings = {"train_steps": args.steps} if args.steps else {}
-    report = run_demo(args.out, args.phases, args.seeds, settings, args.overrides)
-    print(report.main_table)
-
-
-def add_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="the whole study in miniature: demo set → pretrain → 5 phases × 3 seeds → report")
-    p.add_argument("--out", default="runs/demo", help="output directory (data, pretrained stand-ins, runs, report)")
-    p.add_argument("--phases", nargs="+", default=list(PAPER_PHASES))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the demo's)")
-    p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
-    p.set_defaults(func=_cmd_demo)

@@ -25,7 +25,6 @@ says otherwise; the record then says `"partial": true` and the report flags it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -503,44 +502,7 @@ def _log_metrics(accelerator: Any, rundir: RunDir, cfg: Config, metrics: dict, s
         trackers.close()
 
 
-# ---------------------------------------------------------------- command line
-
-
-def add_cli(subparsers: Any) -> None:
-    """Register `advcap eval`."""
-    p = subparsers.add_parser(
-        "eval",
-        help="caption clean and attacked images of a finished run: BLEU (paper's and COCO's), CIDEr, ... into metrics.json",
-        description="The same entry point `accelerate launch launch/eval.py RUN_DIR` runs; ranks split the images.",
-    )
-    p.add_argument("run", help="a finished run directory (runs/<dataset>/<phase>/seed<k>)")
-    p.add_argument("--select", choices=SELECTIONS, default="final",
-                   help="final: the hf/ export; best-val: checkpoints/best (kept by validation while training), "
-                   "else the kept checkpoint with the best clean val BLEU-4")
-    p.add_argument("--conditions", nargs="+", default=None, metavar="CONDITION",
-                   help="clean fgsm pgd targeted blind transfer-fgsm fgsm@<epsilon> (default: the run's eval.conditions)")
-    p.add_argument("--splits", nargs="+", default=None, metavar="SPLIT",
-                   help=f"{' '.join(EVAL_SPLITS)} (default: the run's eval.splits)")
-    p.add_argument("overrides", nargs="*",
-                   help="eval.* overrides of the run's config, e.g. eval.pgd_steps=20 eval.pgd_target=clean_caption")
-    p.set_defaults(func=_cmd_eval)
-
-
-def _cmd_eval(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
-    # `--conditions a b eval.x=1` would hand the override to --conditions: anything with "=" is an override.
-    overrides = list(args.overrides)
-    conditions, splits = args.conditions, args.splits
-    if conditions:
-        overrides += [c for c in conditions if "=" in c]
-        conditions = [c for c in conditions if "=" not in c]
-    if splits:
-        overrides += [c for c in splits if "=" in c]
-        splits = [c for c in splits if "=" not in c]
-    metrics = evaluate(args.run, select=args.select, conditions=conditions, splits=splits, overrides=overrides)
-    if PartialState().is_main_process:
-        print(format_metrics(metrics))
+# ---------------------------------------------------------------- as text
 
 
 def format_metrics(metrics: dict) -> str:

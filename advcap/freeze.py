@@ -27,11 +27,11 @@ from typing import Any, Iterable
 
 import torch
 
+from advcap.config import FREEZE_MODULES
 from advcap.errors import AdvcapError
 
 log = logging.getLogger(__name__)
 
-MODULE_POLICIES = ("none", "encoder", "decoder")
 GROUPS = ("encoder", "decoder", "cross_attention")
 # HF GPT-2 names (BERT-style decoders also say "crossattention"); the projection is the encoder→decoder bridge.
 _CROSS_ATTENTION = re.compile(r"crossattention|ln_cross_attn|^enc_to_dec_proj\.")
@@ -62,8 +62,8 @@ def apply_freeze(model: torch.nn.Module, freeze_cfg: Any) -> dict[str, dict[str,
         AdvcapError: unknown `modules`, an invalid regex, or a regex that matches no parameter.
     """
     modules = str(freeze_cfg.modules)
-    if modules not in MODULE_POLICIES:
-        raise AdvcapError(f"freeze.modules={modules!r} is not one of {', '.join(MODULE_POLICIES)}")
+    if modules not in FREEZE_MODULES:
+        raise AdvcapError(f"freeze.modules={modules!r} is not one of {', '.join(FREEZE_MODULES)}")
     named = _named_parameters(model)
     frozen_groups = {"none": (), "encoder": ("encoder",), "decoder": ("decoder", "cross_attention")}[modules]
     for name, param in named:

@@ -3,7 +3,6 @@ and draw the figure (`advcap caption`, `advcap attack`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -149,33 +148,3 @@ def save_attack_figure(
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(str(out), dpi=FIGURE_DPI)
     return out
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_cli(subparsers: Any) -> None:
-    """Register `advcap caption` and `advcap attack`."""
-    p = subparsers.add_parser("caption", help="print the caption a trained model gives an image")
-    p.add_argument("image", help="an image file (any format Pillow reads)")
-    p.add_argument("--model", required=True, help="a finished run directory or an hf/ export directory")
-    p.set_defaults(func=_cmd_caption)
-
-    p = subparsers.add_parser(
-        "attack", help="FGSM one image: figure of original | adversarial | amplified difference with both captions"
-    )
-    p.add_argument("image", help="an image file (any format Pillow reads)")
-    p.add_argument("--model", required=True, help="a finished run directory or an hf/ export directory")
-    p.add_argument("--out", required=True, help="output figure (PNG)")
-    p.add_argument("--epsilon", type=float, default=None,
-                   help="L∞ radius in [0,1] pixel units (default: the run's attack.epsilon)")
-    p.set_defaults(func=_cmd_attack)
-
-
-def _cmd_caption(args: argparse.Namespace) -> None:
-    print(caption_image(args.image, args.model))
-
-
-def _cmd_attack(args: argparse.Namespace) -> None:
-    clean, adversarial = attack_image(args.image, args.model, args.out, args.epsilon)
-    print(f"clean:       {clean}\nadversarial: {adversarial}\nfigure:      {args.out}")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from advcap.config import MODEL_PRESETS
 from advcap.errors import AdvcapError
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class PresetArch:
     max_positions: int  # longest decoder sequence in tokens, start token included
 
 
+# What each of config.MODEL_PRESETS means (the names are defined there; `custom` names its sources explicitly).
 PRESET_ARCHS: dict[str, PresetArch] = {
     "tiny": PresetArch(32, 2, 2, 8, 32, 2, 2, 64),
     "demo": PresetArch(128, 4, 4, 8, 128, 4, 4, 64),
@@ -61,7 +63,6 @@ PRESET_ARCHS: dict[str, PresetArch] = {
 PRESET_PRETRAINED: dict[str, tuple[str, str]] = {
     "vit-base-gpt2": ("google/vit-base-patch16-224-in21k", "gpt2"),
 }
-PRESETS = (*PRESET_ARCHS, *PRESET_PRETRAINED, "custom")
 
 
 class Captioner(torch.nn.Module):
@@ -124,7 +125,10 @@ class Captioner(torch.nn.Module):
         # The same shift as VisionEncoderDecoderModel does for `labels=`, but we reduce with a sum ourselves.
         decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
         logits = self.model(
-            pixel_values=self.normalize(pixels), decoder_input_ids=decoder_input_ids, use_cache=False
+            pixel_values=self.normalize(pixels),
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_input_mask(labels),
+            use_cache=False,
         ).logits
         if per_image:
             tokens = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
@@ -316,6 +320,18 @@ def _zero_pooler(encoder: torch.nn.Module):
         encoder.pooler = None
 
 
+def decoder_input_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B,L) labels, -100 on padding after the first EOS → (B,L) long mask of the decoder inputs they shift into:
+    1 for the start token and every token of a caption, 0 for the padding after it.
+
+    The start token is GPT-2's pad token here (and so are the padding ids): the mask is how GPT-2 tells them
+    apart (without one, transformers warns). Causal attention already keeps the padding, which lies after every
+    scored position, out of the scored logits, so the loss is the same with or without it.
+    """
+    real = labels[:, :-1] != IGNORE_INDEX
+    return torch.cat([torch.ones_like(labels[:, :1], dtype=torch.bool), real], dim=1).long()
+
+
 def decode_captions(tokenizer: Any, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
     """Token ids (B,T) from `generate` → B caption strings, special tokens dropped, whitespace stripped."""
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -330,8 +346,8 @@ def _sources(model_cfg: Any) -> tuple[str | None, str | None, str | None]:
     `model.encoder` / `model.decoder` override the preset's side; `init_from` excludes both.
     """
     preset = str(model_cfg.preset)
-    if preset not in PRESETS:
-        raise AdvcapError(f"model.preset={preset!r} is not one of {', '.join(PRESETS)}")
+    if preset not in MODEL_PRESETS:
+        raise AdvcapError(f"model.preset={preset!r} is not one of {', '.join(MODEL_PRESETS)}")
     init_from = getattr(model_cfg, "init_from", None)
     encoder, decoder = getattr(model_cfg, "encoder", None), getattr(model_cfg, "decoder", None)
     if init_from:

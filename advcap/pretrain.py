@@ -80,7 +80,7 @@ def _train_split(synth_dir: Path) -> list[dict]:
 def pretrain_vit(synth_dir: str | Path, out_dir: str | Path, image_size: int, steps: int, seed: int = 0,
                  batch_size: int = 64, lr: float = 1e-3, preset: str = "demo") -> Path:
     """Train a preset-sized ViT on scene labels of the demo train split; save it to `out_dir`."""
-    from transformers import ViTImageProcessor
+    from transformers import ViTImageProcessorPil  # the PIL backend: the resize the data pipeline uses
 
     synth_dir, out_dir = Path(synth_dir), Path(out_dir)
     torch.manual_seed(seed)
@@ -100,8 +100,8 @@ def pretrain_vit(synth_dir: str | Path, out_dir: str | Path, image_size: int, st
         return F.binary_cross_entropy_with_logits(head(features), targets[idx])
 
     _fit([*encoder.parameters(), *head.parameters()], batch_loss, steps, lr, "ViT label BCE")
-    processor = ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(HALF),
-                                  image_std=list(HALF))
+    processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=list(HALF),
+                                      image_std=list(HALF))
     # Whole or not at all: the demo skips this stage when the folder exists.
     return atomic.replace_dir(out_dir, lambda folder: (encoder.save_pretrained(folder), processor.save_pretrained(folder)))
 
@@ -122,10 +122,15 @@ def pretrain_gpt2(captions: list[str], tokenizer, out_dir: str | Path, steps: in
         length = max(len(s) for s in batch)
         ids = torch.full((len(batch), length), tokenizer.pad_token_id)
         labels = torch.full((len(batch), length), -100)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)  # the pad token is also BOS/EOS: say which is which
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = torch.tensor(seq)
             labels[row, 1 : len(seq)] = torch.tensor(seq[1:])
-        return model(input_ids=ids, labels=labels).loss
+            mask[row, : len(seq)] = 1
+        # Next-token CE computed here, as the captioner does: handing `labels=` to GPT2LMHeadModel makes
+        # transformers 5 warn that it cannot tell the loss type from the class name (it then uses this same loss).
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
     _fit(list(model.parameters()), batch_loss, steps, lr, "GPT-2 LM loss")
     return atomic.replace_dir(out_dir, lambda folder: (model.save_pretrained(folder), tokenizer.save_pretrained(folder)))

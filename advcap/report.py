@@ -16,7 +16,6 @@ unfinished are listed under Warnings, and every mean says its n.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import logging
@@ -28,12 +27,11 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from advcap.audit import checks as audit_checks
 from advcap.metrics import COCO_TOKENS, PAPER_TOKENS
-from advcap.config import epsilon_text
+from advcap.config import PAPER_PHASES, epsilon_text
 from advcap.errors import AdvcapError
 
 log = logging.getLogger(__name__)
 
-PAPER_PHASES = ("baseline", "adversarial", "adv_train", "freeze_vit", "freeze_gpt")
 MAIN_CONDITIONS = ("clean", "fgsm", "pgd", "targeted", "transfer-fgsm")
 # Every number averaged: the paper's BLEU (nltk, [a-z0-9]+ tokens), the COCO caption metrics (pycocoevalcap, PTB
 # tokenizer), and the targeted attack's own figures.
@@ -420,7 +418,7 @@ def write_report(root: str | Path, out: str | Path | None = None, asked_phases: 
     from advcap import atomic
 
     report = build_report(root, asked_phases, asked_seeds)
-    out = Path(out) if out is not None else Path(root) / "report"
+    out = report_dir(root, out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(out / "report.csv") as tmp:
         _write_csv(report, tmp)
@@ -435,6 +433,27 @@ def write_report(root: str | Path, out: str | Path | None = None, asked_phases: 
     atomic.write_text(out / "report.md", _markdown(report, plots))
     log.info("wrote %s/report.md, report.csv and %d plots", out, len(plots))
     return report
+
+
+def report_dir(root: str | Path, out: str | Path | None = None) -> Path:
+    """Where the report of `root` (= runs/<dataset>) is written: `out`, by default `root/report`."""
+    return Path(out) if out is not None else Path(root) / "report"
+
+
+def summary(report: Report, out: str | Path) -> str:
+    """The text `advcap report` prints: the BLEU-4 table (and CIDEr-D's), failed attack audits, the warnings,
+    the count of runs not averaged, and where the files are (`out`: the report directory)."""
+    out = Path(out)
+    parts = [report.main_table]
+    if report.cider_table:
+        parts.append("\nCIDEr-D ×100 (COCO caption evaluation, PTB tokenizer):\n" + report.cider_table)
+    parts += [f"attack audit: {phase}: ✗ {check['check']}: {check['detail']}"
+              for phase, found in report.audit.items() for check in found if check["ok"] is False]
+    parts += [f"warning: {warning}" for warning in report.warnings]
+    if report.missing:
+        parts.append(f"\nmissing (not averaged): {len(report.missing)} runs; see {out / 'report.md'}")
+    parts.append(f"\nwrote {out / 'report.md'}, {out / 'report.csv'} and plots")
+    return "\n".join(parts)
 
 
 def _fmt_num(x: float) -> str:
@@ -749,40 +768,3 @@ def _epsilon_plot(report: Report, path: Any, quantity: str = "bleu4") -> Any:
         return None
     fig.savefig(path, dpi=110, format="png")
     return path
-
-
-# ---------------------------------------------------------------- command line
-
-
-def _cmd_report(args: argparse.Namespace) -> None:
-    report = write_report(args.runs, args.out, args.phases, args.seeds)
-    out = Path(args.out) if args.out else Path(args.runs) / "report"
-    print(report.main_table)
-    if report.cider_table:
-        print("\nCIDEr-D ×100 (COCO caption evaluation, PTB tokenizer):\n" + report.cider_table)
-    for phase, found in report.audit.items():
-        for check in found:
-            if check["ok"] is False:
-                print(f"attack audit: {phase}: ✗ {check['check']}: {check['detail']}")
-    for warning in report.warnings:
-        print(f"warning: {warning}")
-    if report.missing:
-        print(f"\nmissing (not averaged): {len(report.missing)} runs; see {out / 'report.md'}")
-    print(f"\nwrote {out / 'report.md'}, {out / 'report.csv'} and plots")
-
-
-def add_cli(subparsers: Any) -> None:
-    """Register `advcap report`."""
-    p = subparsers.add_parser(
-        "report",
-        help="mean ± std over seeds per phase of BLEU-4 (clean/attacked), paired differences, cost, plots",
-        description="Reads only run-directory files (config.yaml, provenance.json, the metrics.json record) under "
-        "RUNS/<phase>/seed<k>/ and writes report.md, report.csv and PNG plots. " + EPSILON_CONVENTION + ".",
-    )
-    p.add_argument("runs", help="the ablation folder runs/<dataset>")
-    p.add_argument("--out", default=None, help="output directory (default: RUNS/report)")
-    p.add_argument("--phases", nargs="+", default=None,
-                   help="the phases the study asked for (default: those present); missing ones are listed")
-    p.add_argument("--seeds", nargs="+", type=int, default=None,
-                   help="the seeds the study asked for (default: those present); missing ones are listed")
-    p.set_defaults(func=_cmd_report)

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from advcap.attacks import fgsm, input_gradient
+from advcap.config import TRAIN_MODES
 
-MODES = ("clean", "adversarial", "mixed")
 SCHEMES = ("reuse", "combined")
 
 
@@ -82,8 +82,8 @@ def train_micro_step(
         backward: `accelerator.backward`; no_sync: `lambda: accelerator.no_sync(model)`.
         sync: False for micro-batches before the last of an accumulation (their backward must not sync).
     """
-    if settings.mode not in MODES:
-        raise ValueError(f"unknown training mode {settings.mode!r}: expected one of {MODES}")
+    if settings.mode not in TRAIN_MODES:
+        raise ValueError(f"unknown training mode {settings.mode!r}: expected one of {TRAIN_MODES}")
     outer = contextlib.nullcontext() if sync else no_sync()
     with outer:
         if settings.mode == "clean":

@@ -497,3 +497,10 @@ def test_setup_cfg_ships_configs_and_every_subpackage():
     assert on_disk | {"advcap.configs"} <= packages
     assert "advcap.configs = configs" in cfg["options"]["package_dir"]
     assert "*.yaml" in cfg["options.package_data"]["advcap.configs"].split()
+
+
+def test_the_paper_phases_are_shipped_configs():
+    """PAPER_PHASES (the report's order, the demo's and `advcap demo`'s default) names shipped configs."""
+    from advcap.config import PAPER_PHASES
+
+    assert set(PAPER_PHASES) <= set(shipped_configs())

@@ -33,6 +33,23 @@ def caption_labels(tokenizer, captions: list[str]) -> torch.Tensor:
     return torch.tensor([row + [-100] * (width - len(row)) for row in rows])
 
 
+@pytest.fixture
+def transformers_log(caplog):
+    """caplog, with the warnings transformers logs during the test in `.records`. Its loggers do not propagate to the root logger outside CI
+    (transformers decides so from $CI), so caplog's handler is attached to transformers' own logger; the once-per-
+    process warnings are reset so that each test sees its own."""
+    import logging
+
+    logging.Logger.warning_once.cache_clear()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="transformers"):
+            yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return train_tokenizer(CAPTIONS * 3, tmp_path_factory.mktemp("tok"), vocab_size=300)
@@ -79,6 +96,34 @@ def test_padding_labels_are_ignored(tokenizer):
     torch.testing.assert_close(captioner(pixels, padded), captioner(pixels, short))
 
 
+def test_the_loss_tells_gpt2_its_start_token_and_padding_apart(tokenizer, transformers_log):
+    """The start token and the padding are both GPT-2's pad token: the decoder mask says which is which, so
+    transformers has nothing to warn about, and the loss is the unmasked one (the padding lies after every scored
+    position, which causal attention already keeps it from)."""
+    from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
+
+    from advcap.model import decoder_input_mask
+
+    torch.manual_seed(0)
+    captioner = build_captioner(model_cfg(), S, tokenizer).eval()
+    pixels = torch.rand(3, 3, S, S)
+    labels = caption_labels(tokenizer, ["a red square", "two green triangles on the left", "a circle"])
+    mask = decoder_input_mask(labels)
+    # The start token and every label shifted in (a row's EOS too, unless it falls off the end); none of the padding.
+    assert mask[:, 0].all() and mask.sum(1).tolist() == [min(n + 1, labels.shape[1]) for n in (labels != -100).sum(1)]
+
+    loss = captioner(pixels, labels)
+
+    assert not [r for r in transformers_log.records if "attention_mask" in r.getMessage()]
+    config = captioner.model.config
+    inputs = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    logits = captioner.model(pixel_values=captioner.normalize(pixels), decoder_input_ids=inputs).logits
+    unmasked = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                 reduction="sum")
+    torch.testing.assert_close(loss, unmasked, rtol=1e-5, atol=1e-5)
+    assert [r for r in transformers_log.records if "attention_mask" in r.getMessage()]  # the check above can see it
+
+
 def test_gradient_reaches_the_pixels(tokenizer):
     torch.manual_seed(0)
     captioner = build_captioner(model_cfg(), S, tokenizer)
@@ -117,16 +162,12 @@ def test_greedy_generation_reproduces_the_trained_caption_and_stops_at_eos(train
     assert decode_captions(tokenizer, ids) == [TARGET] * 3
 
 
-def test_generation_tells_gpt2_its_start_token_is_not_padding(trained, caplog):
+def test_generation_tells_gpt2_its_start_token_is_not_padding(trained, transformers_log):
     """The start token is GPT-2's pad token: advcap passes a decoder mask, so transformers has nothing to warn
     about, and greedy and beam captions equal those of an unmasked generate."""
-    import logging
-
-    logging.Logger.warning_once.cache_clear()  # transformers warns once per process: make this call count
     pixels = torch.rand(3, 3, S, S)
-    with caplog.at_level(logging.WARNING):
-        greedy, beams = trained.generate(pixels, max_new_tokens=12), trained.generate(pixels, 12, num_beams=3)
-    assert not [r for r in caplog.records if "attention_mask" in r.getMessage() and "padded" in r.getMessage()]
+    greedy, beams = trained.generate(pixels, max_new_tokens=12), trained.generate(pixels, 12, num_beams=3)
+    assert not [r for r in transformers_log.records if "attention_mask" in r.getMessage() and "padded" in r.getMessage()]
     for ids, n in ((greedy, 1), (beams, 3)):
         plain = trained.model.generate(pixel_values=trained.normalize(pixels), max_new_tokens=12, num_beams=n,
                                        do_sample=False)
@@ -263,3 +304,12 @@ def test_image_processor_matches_the_wrapper(tokenizer):
 )
 def test_tokenizer_source_is_the_decoders_own(overrides, expected):
     assert tokenizer_source(model_cfg(**overrides)) == expected
+
+
+def test_every_preset_name_has_a_meaning():
+    """The preset names are defined once (advcap.config, which validates configs); the model's tables say what
+    each builds."""
+    from advcap.config import MODEL_PRESETS
+    from advcap.model import PRESET_ARCHS, PRESET_PRETRAINED
+
+    assert sorted(MODEL_PRESETS) == sorted([*PRESET_ARCHS, *PRESET_PRETRAINED, "custom"])
