@@ -20,9 +20,10 @@ import contextlib
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -418,7 +419,8 @@ def _load_encoder(source: str, image_size: int) -> PreTrainedModel:
     """A pretrained ViT (hub name or local dir) without its pooler, checked against the image size."""
     from transformers import ViTModel
 
-    encoder = _from_pretrained(ViTModel, source, "encoder", add_pooling_layer=False)
+    # A pretrained ViT usually carries a pooler; the captioner has none (unused; DDP rejects unused parameters).
+    encoder = _load_checked(ViTModel, source, "encoder", unused=_POOLER, add_pooling_layer=False)
     _check_image_size(encoder.config, image_size, source)
     return encoder
 
@@ -432,7 +434,47 @@ def _load_decoder(source: str) -> PreTrainedModel:
     # field, and unknown kwargs would reach the model constructor. BERT-style decoders do read it.
     config.add_cross_attention = True
     config.is_decoder = True
-    return _from_pretrained(AutoModelForCausalLM, source, "decoder", config=config)
+    return _load_checked(AutoModelForCausalLM, source, "decoder", fresh=_CROSS_ATTENTION, config=config)
+
+
+def _load_checked(cls: Any, source: str, what: str, fresh: Optional[re.Pattern] = None,
+                  unused: Optional[re.Pattern] = None, **kwargs: Any) -> PreTrainedModel:
+    """`_from_pretrained`, checking the load itself: weights the model lacks must match `fresh` (initialised
+    anew by design), else an error naming them; weights of the checkpoint the model leaves out must match
+    `unused`, else a warning naming them. transformers' own report (a warning table on every load, also for
+    what is expected) is held back."""
+    with _held_back(LOAD_REPORT_LOGGER, "LOAD REPORT"):
+        model, info = _from_pretrained(cls, source, what, output_loading_info=True, **kwargs)
+    missing = sorted(k for k in info["missing_keys"] if not (fresh and fresh.search(k)))
+    if missing:
+        raise AdvcapError(f"model.{what}={source!r} lacks {len(missing)} weight(s) it needs: "
+                          f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    ignored = sorted(k for k in info["unexpected_keys"] if not (unused and unused.search(k)))
+    ignored += [str(k) for k in info.get("mismatched_keys", [])]
+    if ignored:
+        log.warning("model.%s=%r: %d weight(s) of the checkpoint not used: %s", what, source, len(ignored),
+                    ", ".join(ignored[:5]))
+    log.debug("model.%s=%r: %d tensors newly initialised", what, source, len(info["missing_keys"]))
+    return model
+
+
+# The weights a decoder gains to attend to the image (GPT-2's names), initialised fresh by from_pretrained.
+_CROSS_ATTENTION = re.compile(r"\.(crossattention|ln_cross_attn)\.")
+_POOLER = re.compile(r"^pooler\.")
+LOAD_REPORT_LOGGER = "transformers.modeling_utils"
+
+
+@contextlib.contextmanager
+def _held_back(logger_name: str, marker: str) -> Iterator[None]:
+    """Drop, while in the block, the records of one logger whose message contains `marker`."""
+    logger = logging.getLogger(logger_name)
+    drop = logging.Filter()
+    drop.filter = lambda record: marker not in str(record.msg)  # type: ignore[method-assign]
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _load_whole(source: str, image_size: int) -> VisionEncoderDecoderModel:

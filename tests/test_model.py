@@ -4,6 +4,7 @@ presets / local pretrained dirs / a whole export, and the HF export round trip. 
 from __future__ import annotations
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -251,6 +252,22 @@ def test_local_encoder_and_decoder_dirs_keep_their_weights_and_get_fresh_cross_a
     pixels = torch.rand(2, 3, S, S, requires_grad=True)
     captioner(pixels, caption_labels(tokenizer, ["a red square", "a circle"])).backward()
     assert pixels.grad.abs().sum() > 0
+
+
+def test_loading_a_decoder_reports_only_what_is_unexpected(pretrained_dirs, tokenizer, transformers_log, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    root, _, _ = pretrained_dirs
+    build_captioner(model_cfg(preset="custom", encoder=str(root / "vit"), decoder=str(root / "gpt")), S, tokenizer)
+    # The decoder's cross-attention is missing and the ViT's pooler left out by design: nothing to report.
+    assert "LOAD REPORT" not in transformers_log.text and "not used" not in transformers_log.text
+    # A decoder that lacks a weight of its own is an error naming it, not a warning table.
+    shutil.copytree(root / "gpt", tmp_path / "gpt")
+    weights = load_file(str(tmp_path / "gpt" / "model.safetensors"))
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, str(tmp_path / "gpt" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(AdvcapError, match=r"model.decoder=.* lacks 1 weight\(s\) it needs: transformer\.h\.1\.mlp\.c_fc\.weight"):
+        build_captioner(model_cfg(preset="custom", encoder=str(root / "vit"), decoder=str(tmp_path / "gpt")), S, tokenizer)
 
 
 def test_a_loaded_vit_must_match_the_image_size(pretrained_dirs, tokenizer):
