@@ -2,7 +2,7 @@
 
 A shard source (`data.shards`, `advcap verify`'s argument) is one of
     a local folder            shards/coco               manifest.json and the tars inside it
-    a URL folder (ends in /)  https://host/coco/        https://host/coco/manifest.json and the tars it lists
+    a URL folder              https://host/coco/        https://host/coco/manifest.json and the tars it lists
     shard URLs / patterns     https://host/coco/train-{000000..000123}.tar
                               pipe:aws s3 cp s3://bucket/train-{000000..000123}.tar -
                               file:/data/coco/val-000000.tar
@@ -55,6 +55,12 @@ class FetchError(AdvcapError):
 def is_remote(source: str) -> bool:
     """True if `source` is URLs or patterns rather than a local folder."""
     return _split_prefix(source)[1].startswith(URL_SCHEMES) or "::" in source or "{" in source
+
+
+def is_url_folder(source: str) -> bool:
+    """True for one http(s):// or file: URL that names no shard (….tar): a folder holding manifest.json."""
+    return (source.startswith(("http://", "https://", "file:")) and "::" not in source and "{" not in source
+            and not re.search(r"\.tar\b", source))
 
 
 def runs_commands(source: str) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from advcap.data.location import URL_SCHEMES, FetchError, beside, expand_shard_urls, fetch, is_remote, shard_name, size_of, split_of
+from advcap.data.location import FetchError, beside, expand_shard_urls, fetch, is_remote, is_url_folder, shard_name, size_of, split_of
 from advcap.errors import AdvcapError
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,10 @@ def load_manifest(source: str | Path, split_samples: Mapping[str, int] | None = 
 def _load(source: str, split_samples: Mapping[str, int] | None, retries: int) -> Manifest:
     if not is_remote(source):
         return _local_manifest(Path(source))
-    if source.startswith(URL_SCHEMES) and not ("::" in source or "{" in source) and source.endswith("/"):
-        raw = _parse(source + MANIFEST, fetch(source + MANIFEST, retries))
-        return _from_raw(source, source + MANIFEST, raw, lambda name: source + name)
+    if is_url_folder(source):
+        folder = source.rstrip("/") + "/"
+        raw = _parse(folder + MANIFEST, fetch(folder + MANIFEST, retries))
+        return _from_raw(source, folder + MANIFEST, raw, lambda name: folder + name)
     urls = expand_shard_urls(source)
     where = beside(urls[0][1], MANIFEST)
     try:

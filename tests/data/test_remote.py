@@ -85,6 +85,7 @@ def test_a_url_folder_reads_the_manifest_and_shards_over_http(served, tokenizer)
     for world in (1, 2):
         assert eval_ids(remote, tokenizer, world=world) == eval_ids(local(root), tokenizer, world=world)
     assert require_complete_shards(remote) is None
+    assert load_manifest(f"{base}/shards").shards == remote.shards  # the trailing slash is optional
 
 
 def test_brace_patterns_joined_by_double_colon_through_pipe_cat(served, tokenizer):
