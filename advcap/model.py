@@ -123,8 +123,15 @@ class Captioner(torch.nn.Module):
         config = self.model.config
         # The same shift as VisionEncoderDecoderModel does for `labels=`, but we reduce with a sum ourselves.
         decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+        # Every decoder position is attended, padding included, as without a mask: under causal attention a
+        # target token sees only earlier positions, never padding (which comes after the first EOS), and
+        # the loss skips the outputs at padding. Given explicitly, the mask spares transformers' host reads
+        # of the ids and positions (a padding warning, a packed-sequence check), and a mask of ones still
+        # takes SDPA's causal kernel: the same numbers as without one.
+        attend = torch.ones_like(decoder_input_ids, dtype=torch.bool)
         logits = self.model(
-            pixel_values=self.normalize(pixels), decoder_input_ids=decoder_input_ids, use_cache=False
+            pixel_values=self.normalize(pixels), decoder_input_ids=decoder_input_ids, decoder_attention_mask=attend,
+            use_cache=False,
         ).logits
         if per_image:
             tokens = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
