@@ -12,6 +12,11 @@ is within ε of the clean images as floats: ``(x_adv - x).abs() <= ε`` holds ex
 difference is computed in the images' dtype. Plain ``x + ε`` often rounds one ulp past ε, so the
 ε-ball's edges are rounded toward x (see ``_linf_box``); results can differ from the textbook
 formula by an ulp or two of 1.0 (≤ 2.4e-7 in float32), never by more.
+
+Host synchronisation: past the argument checks, an attack is pure tensor arithmetic (no ``.item()``, no
+branch on a tensor's value), so on a GPU it never waits for the device. The one check that must read
+values, images in [0,1], runs by default and is skipped with ``check_range=False``: the train step does
+so, because its batches are in [0,1] by construction (the loader divides uint8 pixels by 255).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ def fgsm(
     grad: Tensor | None = None,
     generator: torch.Generator | None = None,
     step_size: float | None = None,
+    check_range: bool = True,
 ) -> Tensor:
     """Fast gradient sign method: one signed-gradient step, projected to the ε-ball and [0,1].
 
@@ -86,6 +92,8 @@ def fgsm(
             Not allowed with ``random_start`` (the gradient would be at the wrong point).
         generator: RNG for the random start (any device); ``None`` uses the global RNG.
         step_size: α in pixel units, > 0; default ε, or 1.25ε with ``random_start``.
+        check_range: check that the images lie in [0,1] (reads their min/max on the host, a device
+            sync); False only where the caller guarantees the range, as the train step does.
 
     Returns:
         Detached adversarial images: same shape/dtype/device, in [0,1], ``|x' - x| ≤ ε``.
@@ -93,7 +101,7 @@ def fgsm(
     epsilon = _check_number("epsilon", epsilon, allow_zero=True)
     if step_size is not None:
         step_size = _check_number("step_size", step_size, allow_zero=False)
-    _check_images(images)
+    _check_images(images, check_range)
     if grad is not None:
         if random_start:
             raise ValueError(
@@ -165,7 +173,7 @@ def pgd(
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
     if restarts > 1 and (not random_start or per_image_loss is None):
         raise ValueError("restarts > 1 need random_start=True and a per_image_loss to choose between them")
-    _check_images(images)
+    _check_images(images, check_range=True)
     x = images.detach()
     if epsilon == 0:
         return x.clone()
@@ -195,25 +203,83 @@ def _linf_box(x: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
 
     ``fl(x + ε) - x`` exceeds ε for most float32 pixels (one ulp of rounding), so each bound
     is stepped toward x until its float distance to x is at most ε (one or two steps).
+
+    Pure tensor arithmetic, no host read: a fixed number of steps, each applied only where the bound
+    is still outside, instead of a loop until none is (whose test would stall a GPU stream). A bound
+    inside is left bit for bit as it is, so a step more than needed changes nothing.
     """
+    limit = _floor_to_dtype(epsilon, x.dtype)  # |d| > ε exactly when |d| > limit, for d of x's dtype
     with torch.no_grad():
-        hi = _round_into_ball(torch.clamp(x + epsilon, max=1.0), x, epsilon)
-        lo = _round_into_ball(torch.clamp(x - epsilon, min=0.0), x, epsilon)
+        hi = _lower_into_ball(torch.clamp(x + epsilon, max=1.0), x, limit)
+        lo = _raise_into_ball(torch.clamp(x - epsilon, min=0.0), x, limit)
     return lo, hi
 
 
-def _round_into_ball(bound: Tensor, x: Tensor, epsilon: float) -> Tensor:
-    # Compare in float64 so the bound holds against ε itself, not only its rounded dtype value.
-    # Step by an ulp of the larger of |bound|, |x| (not nextafter(bound): near 0 that is tiny).
-    # With x in [0,1] one or two steps suffice; the cap only guards against a silent spin.
-    for _ in range(8):
-        over = (bound - x).abs().double() > epsilon
-        if not over.any():
-            return bound
-        big = torch.maximum(bound.abs(), x.abs())
-        step = torch.where(over, torch.nextafter(big, torch.full_like(big, math.inf)) - big, 0.0)
-        bound = torch.where(bound > x, torch.maximum(bound - step, x), torch.minimum(bound + step, x))
-    raise RuntimeError("could not round the epsilon-ball bounds into the ball (images outside [0,1]?)")
+ROUNDING_STEPS = 3
+"""Steps toward x a bound takes at most. Pixels in [0,1] need one or two: fl(x ± ε) is within an ulp
+of the true edge, one step brings it inside, and rounding the float difference can ask for one more
+(tests/test_attacks.py compares with a loop that runs until every bound is inside)."""
+
+
+def _lower_into_ball(hi: Tensor, x: Tensor, limit: float) -> Tensor:
+    """Step ``hi`` (≥ x ≥ 0) down by its own ulp until ``hi - x <= limit``; never below x."""
+    for _ in range(ROUNDING_STEPS):
+        stepped = torch.maximum(hi - _spacing_above(hi), x)
+        hi = torch.where(hi - x > limit, stepped, hi)
+    return _inside_or_x(hi, x, limit)
+
+
+def _raise_into_ball(lo: Tensor, x: Tensor, limit: float) -> Tensor:
+    """Step ``lo`` (0 ≤ lo ≤ x) up by x's ulp until ``x - lo <= limit``; never above x.
+
+    An ulp of x, the larger of the two: near 0 an ulp of lo would be tiny."""
+    gap = _spacing_above(x.abs())
+    for _ in range(ROUNDING_STEPS):
+        lo = torch.where(x - lo > limit, torch.minimum(lo + gap, x), lo)
+    return _inside_or_x(lo, x, limit)
+
+
+def _inside_or_x(bound: Tensor, x: Tensor, limit: float) -> Tensor:
+    """The bound, or x itself (always inside) where it is still outside: only for images outside [0,1]."""
+    return torch.where((bound - x).abs() > limit, x, bound)
+
+
+# Per float dtype: the integer type of its width and the bits of its exponent field.
+_EXPONENT_FIELD = {
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float32: (torch.int32, 0x7F80_0000),
+    torch.float64: (torch.int64, 0x7FF0_0000_0000_0000),
+}
+
+
+def _spacing_above(magnitude: Tensor) -> Tensor:
+    """``nextafter(m, inf) - m`` for finite m ≥ 0 below the dtype's maximum, from the exponent bits.
+
+    The gap above m is 2^e·eps for m in [2^e, 2^(e+1)) and the least subnormal below the normals.
+    (``torch.nextafter`` itself has no vectorised CPU kernel, and this runs on every image.)
+    """
+    int_dtype, exponent_bits = _EXPONENT_FIELD[magnitude.dtype]
+    power = (magnitude.view(int_dtype) & exponent_bits).view(magnitude.dtype)  # 2^e; 0 below the normals
+    info = torch.finfo(magnitude.dtype)
+    return torch.clamp(power * info.eps, min=info.tiny * info.eps)
+
+
+def _floor_to_dtype(value: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` ≤ ``value`` (finite, ≥ 0), computed on the host.
+
+    For a float d of that dtype, ``d > value`` holds exactly when ``d > _floor_to_dtype(value)``: the
+    distance test against ε itself (not against ε rounded to the dtype), without a float64 copy.
+    """
+    info = torch.finfo(dtype)
+    if value >= info.max:
+        return float(info.max)
+    if value <= 0:
+        return 0.0
+    _, exponent = math.frexp(value)  # value = m·2^exponent with 0.5 <= m < 1
+    # The spacing of dtype numbers in [2^(exponent-1), 2^exponent); below the normals it stays fixed.
+    spacing = max(math.ldexp(info.eps, exponent - 1), info.tiny * info.eps)
+    return math.floor(value / spacing) * spacing
 
 
 def _random_start(
@@ -240,12 +306,17 @@ def _check_number(name: str, value: float, *, allow_zero: bool) -> float:
     return number
 
 
-def _check_images(images: Tensor) -> None:
-    """Images must be a float tensor with values in [0,1] (not normalized pixels)."""
-    if not isinstance(images, Tensor) or not images.is_floating_point():
+def _check_images(images: Tensor, check_range: bool) -> None:
+    """Images must be a float tensor; with ``check_range``, with values in [0,1] (not normalized pixels).
+
+    The dtype check reads only metadata; the range check reads the min/max on the host (a device sync).
+    """
+    if not isinstance(images, Tensor) or images.dtype not in _EXPONENT_FIELD:
         kind = images.dtype if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a floating-point tensor in [0,1], got {kind}")
-    if images.numel():
+        raise ValueError(
+            f"images must be a floating-point tensor (float16, bfloat16, float32 or float64) in [0,1], got {kind}"
+        )
+    if check_range and images.numel():
         low, high = (v.item() for v in torch.aminmax(images.detach()))
         if not (0.0 <= low and high <= 1.0):  # also rejects NaN
             raise ValueError(

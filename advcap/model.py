@@ -125,10 +125,14 @@ class Captioner(torch.nn.Module):
         config = self.model.config
         # The same shift as VisionEncoderDecoderModel does for `labels=`, but we reduce with a sum ourselves.
         decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+        # Every decoder position is attended, padding included, as without a mask: under causal attention a
+        # target token sees only earlier positions, never padding (which comes after the first EOS), and
+        # the loss skips the outputs at padding. Given explicitly, the mask spares transformers' host reads
+        # of the ids and positions (a padding warning, a packed-sequence check), and a mask of ones still
+        # takes SDPA's causal kernel: the same numbers as without one.
+        attend = torch.ones_like(decoder_input_ids, dtype=torch.bool)
         logits = self.model(
-            pixel_values=self.normalize(pixels),
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_input_mask(labels),
+            pixel_values=self.normalize(pixels), decoder_input_ids=decoder_input_ids, decoder_attention_mask=attend,
             use_cache=False,
         ).logits
         if per_image:
@@ -319,18 +323,6 @@ def _zero_pooler(encoder: torch.nn.Module):
         yield
     finally:
         encoder.pooler = None
-
-
-def decoder_input_mask(labels: torch.Tensor) -> torch.Tensor:
-    """(B,L) labels, -100 on padding after the first EOS → (B,L) long mask of the decoder inputs they shift into:
-    1 for the start token and every token of a caption, 0 for the padding after it.
-
-    The start token is GPT-2's pad token here (and so are the padding ids): the mask is how GPT-2 tells them
-    apart (without one, transformers warns). Causal attention already keeps the padding, which lies after every
-    scored position, out of the scored logits, so the loss is the same with or without it.
-    """
-    real = labels[:, :-1] != IGNORE_INDEX
-    return torch.cat([torch.ones_like(labels[:, :1], dtype=torch.bool), real], dim=1).long()
 
 
 def decode_captions(tokenizer: Any, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:

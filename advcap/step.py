@@ -18,6 +18,10 @@ Passes per micro-batch (a "pass" = one forward through the captioner):
                included. Parameter gradients are unaffected: both wrappers reduce from hooks on the
                parameters, which fire once with the sum of both passes.
 
+Host synchronisation: the step adds none of its own (tests/test_syncs.py counts them). Its pixels are in
+[0,1] by construction (the loader divides uint8 by 255), so FGSM runs with `check_range=False`, and the
+attack itself is pure tensor arithmetic; what remains is the captioner's own forward (see model.py).
+
 Loss scaling: the captioner returns a SUM of token cross-entropies; `loss_scale` = world / global
 target tokens of the optimizer step, so that DDP's gradient average over ranks yields exactly the
 gradient of the mean token loss of the global batch, whatever each rank's caption lengths.
@@ -111,11 +115,11 @@ def _adversarial_only(model, attack_model, pixels, labels, settings, loss_scale,
     loss_fn = _attack_loss(attack_model, labels)
     if settings.random_start:
         clean_loss, grad = None, None
-        adv = fgsm(loss_fn, pixels, settings.epsilon, random_start=True, generator=generator)
+        adv = fgsm(loss_fn, pixels, settings.epsilon, random_start=True, generator=generator, check_range=False)
         zero = None
     else:
         clean_loss, grad = input_gradient(loss_fn, pixels)
-        adv = fgsm(loss_fn, pixels, settings.epsilon, grad=grad)
+        adv = fgsm(loss_fn, pixels, settings.epsilon, grad=grad, check_range=False)
         zero = _zero_fraction(grad)
     adv_loss = model(adv, labels)
     backward(adv_loss * loss_scale)
@@ -130,7 +134,7 @@ def _mixed_reuse(model, pixels, labels, settings, loss_scale, backward, no_sync,
         clean_loss = model(x, labels)
         backward(clean_loss * (alpha * loss_scale))
     grad = x.grad  # α·scale·∂L/∂x: the sign, all FGSM needs, is that of ∂L/∂x (α, scale > 0)
-    adv = fgsm(None, pixels, settings.epsilon, grad=grad)
+    adv = fgsm(None, pixels, settings.epsilon, grad=grad, check_range=False)
     adv_loss = model(adv, labels)
     backward(adv_loss * ((1.0 - alpha) * loss_scale))
     return StepResult(clean_loss.detach(), adv_loss.detach(), adv, _zero_fraction(grad))
@@ -140,13 +144,14 @@ def _mixed_combined(model, attack_model, pixels, labels, settings, loss_scale, b
     alpha = settings.clean_weight
     if settings.random_start:
         # The clean gradient is at x, the attack needs it at the random start: a separate attack pass.
-        adv = fgsm(_attack_loss(attack_model, labels), pixels, settings.epsilon, random_start=True, generator=generator)
+        adv = fgsm(_attack_loss(attack_model, labels), pixels, settings.epsilon, random_start=True, generator=generator,
+                   check_range=False)
         clean_loss, zero = attack_model(pixels, labels), None
     else:
         x = pixels.detach().requires_grad_(True)
         clean_loss = attack_model(x, labels)  # unwrapped: see the module docstring
         (grad,) = torch.autograd.grad(clean_loss, x, retain_graph=True)
-        adv, zero = fgsm(None, pixels, settings.epsilon, grad=grad), _zero_fraction(grad)
+        adv, zero = fgsm(None, pixels, settings.epsilon, grad=grad, check_range=False), _zero_fraction(grad)
     adv_loss = model(adv, labels)
     backward((alpha * clean_loss + (1.0 - alpha) * adv_loss) * loss_scale)
     return StepResult(clean_loss.detach(), adv_loss.detach(), adv, zero)

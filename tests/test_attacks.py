@@ -374,3 +374,65 @@ def test_loss_independent_of_images_is_rejected(model, labels, images):
         fgsm(lambda x: F.cross_entropy(model(images), labels), images, EPS)  # ignores x
     with pytest.raises(ValueError, match="does not depend"):
         fgsm(lambda x: F.cross_entropy(model(x.detach()), labels).detach(), images, EPS)
+
+
+# --- the ε-ball's edges without host reads ----------------------------------------------------
+
+
+def loop_until_inside(bound: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference rounding: step every bound outside the ball by an ulp toward x, compared in
+    float64 against ε itself, until no bound is outside (a host read per round)."""
+    for _ in range(64):
+        over = (bound - x).abs().double() > eps
+        if not over.any():
+            return bound
+        big = torch.maximum(bound.abs(), x.abs())
+        step = torch.where(over, torch.nextafter(big, torch.full_like(big, float("inf"))) - big, 0.0)
+        bound = torch.where(bound > x, torch.maximum(bound - step, x), torch.minimum(bound + step, x))
+    raise AssertionError("the reference loop did not converge")
+
+
+def unit_interval(dtype: torch.dtype) -> torch.Tensor:
+    """Every value of a 16-bit float dtype in [0,1] (-0.0 included); for wider dtypes, 2·10⁵ consecutive
+    values around each of 0, ε-ish points, ½ and 1 plus uniform ones."""
+    if dtype in (torch.float16, torch.bfloat16):
+        every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+        return every[(every >= 0) & (every <= 1)]
+    width = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    parts = [torch.rand(100_000, generator=torch.Generator().manual_seed(11), dtype=dtype)]
+    for centre in (0.0, 1 / 255, 8 / 255, 0.05, 0.3, 0.5, 0.7, 0.95, 1.0):
+        bits = int(torch.tensor(centre, dtype=dtype).view(width))
+        parts.append(torch.arange(max(bits - 10_000, 0), bits + 10_000, dtype=width).view(dtype))
+    return torch.cat(parts).clamp(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_epsilon_ball_edges_equal_the_loop_until_inside_bit_for_bit(dtype):
+    """The fixed-step, branch-free rounding gives exactly what looping until every bound is inside gives.
+
+    Bit for bit but for the sign of a zero: at x = -0.0 the loop's torch.minimum(+0.0, -0.0) returns either
+    zero, by the element's place in the vectorised kernel, where the fixed steps leave +0.0."""
+    from advcap.attacks import _linf_box
+
+    x = unit_interval(dtype)
+    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    bits = lambda t: t.masked_fill(t == 0, 0.0).view(width)  # noqa: E731 (either zero as +0.0)
+    for eps in (1 / 255, 2 / 255, 8 / 255, 0.01, 0.03, 0.05, 0.1, 0.3, 0.5, 1e-4):
+        lo, hi = _linf_box(x, eps)
+        expected_hi = loop_until_inside(torch.clamp(x + eps, max=1.0), x, eps)
+        expected_lo = loop_until_inside(torch.clamp(x - eps, min=0.0), x, eps)
+        assert torch.equal(bits(hi), bits(expected_hi)), (dtype, eps)
+        assert torch.equal(bits(lo), bits(expected_lo)), (dtype, eps)
+        assert not lo.signbit().any() and not hi.signbit().any()
+
+
+def test_unchecked_fgsm_keeps_images_outside_the_range_within_epsilon():
+    """check_range=False trusts the caller; given pixels outside [0,1] anyway, the result stays within ε of
+    them, and so do both edges of the box (never NaN from the rounding, never an error from a host read)."""
+    from advcap.attacks import _linf_box
+
+    x = torch.tensor([-0.5, -1e-30, 1.0 + 1e-6, 2.0, 0.5]).view(1, 5)
+    adv = fgsm(None, x, EPS, grad=torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0]]), check_range=False)
+    for result in (adv, *_linf_box(x, EPS)):
+        assert torch.isfinite(result).all()
+        assert ((result - x).abs().double() <= EPS).all()
