@@ -11,6 +11,8 @@ Both engines run the same training loop (`advcap.train`). What differs is hidden
                               token count) and `engine.step()` once per optimizer step, after the ranks
                               agreed on it.
 
+Each driver also names the `mixed` scheme (advcap.step) that costs least under its engine: `mixed_scheme`.
+
 Accelerate's own `backward` is not used under DeepSpeed on purpose: it steps the engine inside every
 `backward` call, which would step once per micro-batch and before the non-finite check.
 """
@@ -316,6 +318,9 @@ def configure_deepspeed(accelerator, global_batch: int, per_rank: int, accum: in
 class DDPDriver:
     """Accelerate's DDP (or a single process): no_sync before the last micro-batch, our norm, clip and step."""
 
+    # `no_sync` really defers the all-reduce: the clean backward of the reuse scheme is free of communication.
+    mixed_scheme = "reuse"
+
     def __init__(self, accelerator, model, optimizer, clip: float):
         self.accelerator, self.model, self.optimizer, self.clip = accelerator, model, optimizer, clip
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -352,10 +357,15 @@ class DeepSpeedDriver:
 
     def __init__(self, engine):
         self.engine = engine
+        # ZeRO-1 reduces only on the accumulation boundary, so the reuse scheme's clean backward is free of
+        # communication, as under DDP. ZeRO-2 reduces the gradients on every backward, boundary or not: reuse's
+        # clean backward would add one reduction of the whole gradient per micro-batch, which costs more than
+        # the combined scheme's input-gradient pass (bench/engines.py measures both; the README has figures).
+        self.mixed_scheme = "combined" if engine.zero_optimization_stage() >= 2 else "reuse"
 
     def micro_batch(self, last: bool) -> tuple[Callable[[torch.Tensor], None], Callable[[], Any]]:
-        # ZeRO-2 refuses the engine's no_sync; the boundary flag is what defers the reduction and the step,
-        # so "no sync" here means "not the boundary" (the clean backward of the reuse scheme runs in it).
+        # ZeRO-2 refuses the engine's no_sync; the boundary flag is what defers the step (and, under ZeRO-1, the
+        # reduction), so "no sync" here means "not the boundary" (the clean backward of the reuse scheme runs in it).
         self.engine.set_gradient_accumulation_boundary(last)
         return lambda loss: self.engine.backward(loss, scale_wrt_gas=False), self._not_boundary
 

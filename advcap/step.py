@@ -4,14 +4,16 @@ the rank's own batch and the current weights.
 Passes per micro-batch (a "pass" = one forward through the captioner):
   clean        1 forward, 1 backward
   adversarial  attack forward + input-only backward (no parameter grads), adversarial forward + backward
-  mixed        2 forwards. Scheme `reuse` (what training uses, under DDP and DeepSpeed): the clean
+  mixed        2 forwards. Scheme `reuse` (what training uses under DDP and ZeRO-1): the clean
                backward, run under `no_sync` (DDP: no all-reduce; DeepSpeed: not the accumulation
                boundary), yields the parameter gradients AND ∂loss/∂pixels, which FGSM reuses; the
-               adversarial backward then syncs: one reduction per optimizer step under DDP. Cost:
+               adversarial backward then syncs: one reduction per optimizer step. Cost:
                2 forwards + 2 backwards, the floor (bench/step.py: 2.00× the FLOPs of clean).
-               Scheme `combined` (random-start FGSM, whose gradient is not at the clean point; also
-               benchmarked): the input gradient comes from `autograd.grad(..., retain_graph=True)` and
-               one backward of α·clean + (1-α)·adversarial follows: an extra input-gradient pass
+               Scheme `combined` (what training uses under ZeRO-2, which reduces the gradients on every
+               backward, boundary or not, so `reuse` would reduce twice per micro-batch; and for
+               random-start FGSM, whose gradient is not at the clean point): the input gradient comes
+               from `autograd.grad(..., retain_graph=True)` and one backward of α·clean + (1-α)·adversarial
+               follows, reduced once: an extra input-gradient pass
                (2.33× the FLOPs of clean) and two graphs alive at once. Its clean forward runs through
                the unwrapped model: DeepSpeed hooks the wrapped forward's outputs and would run its
                gradient reduction at the end of ANY backward through them, the input-gradient pass
@@ -50,7 +52,7 @@ class StepSettings:
     clean_weight: float  # α in α·clean + (1-α)·adversarial
     epsilon: float  # L∞ radius, [0,1] pixel units
     random_start: bool = False
-    scheme: str = "reuse"  # reuse | combined (see module docstring)
+    scheme: str = "reuse"  # reuse | combined (see module docstring); training takes its driver's `mixed_scheme`
 
 
 @dataclass

@@ -194,6 +194,7 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         grad_accum_steps=accum,
         shard_manifest_sha256=manifest.sha256(),
         parameters=counts,
+        mixed_scheme=driver.mixed_scheme,  # the engine's scheme for `mixed` (random-start FGSM: always combined)
     )
     checkpointer = Checkpointer(rundir, cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints, accelerator,
                                 model, attack_model, optimizer, scheduler)
@@ -217,9 +218,7 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         clean_weight=cfg.train.clean_weight,
         epsilon=cfg.attack.epsilon,
         random_start=cfg.attack.random_start,
-        # The reuse scheme under DDP and DeepSpeed alike: the drivers' no_sync defers the clean backward's
-        # reduction (DeepSpeed: not the accumulation boundary), so each micro-batch costs 2 forwards + 2 backwards.
-        scheme="reuse",
+        scheme=driver.mixed_scheme,  # the engine's cheaper scheme (advcap.distributed)
     )
     nonfinite = NonFinitePolicy(cfg.train.max_nonfinite_steps)
     stop = StopRequest()

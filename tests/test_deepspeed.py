@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO-1 and ZeRO-2 against DDP, on 2 real gloo ranks: `accelerate launch` with the shipped launcher configs.
 
 For each freeze policy (freeze_gpt_xattn included), `mixed` training (FGSM inside the step, 2 micro-batches of
-accumulation) under ZeRO-2, `adversarial` training, and full training under ZeRO-1 give the losses and weights of
-DDP; frozen parameters stay bit-identical; ZeRO-1 and ZeRO-2 runs stopped at a checkpoint and resumed end where
+accumulation) under ZeRO-2 (the combined scheme, against DDP's reuse), `adversarial` training, and full training
+under ZeRO-1 give the losses and weights of DDP; frozen parameters stay bit-identical; ZeRO-1 and ZeRO-2 runs stopped at a checkpoint and resumed end where
 the uninterrupted ones do. The config checks (ZeRO-3 refused, the
 DeepSpeed JSON's "auto" values filled from advcap's YAML, conflicts refused) run on a real DeepSpeedPlugin.
 """
@@ -88,7 +88,10 @@ def test_zero_trains_like_ddp(runs, engine, phase):
     prov = json.loads((zero / "provenance.json").read_text())
     assert (prov["distributed_type"], prov["zero_stage"], prov["world_size"]) == ("DEEPSPEED", int(engine[-1]), 2)
     assert (prov["per_rank_batch_size"], prov["grad_accum_steps"]) == (4, 2)
-    assert json.loads((ddp / "provenance.json").read_text())["distributed_type"] == "MULTI_CPU"
+    ddp_prov = json.loads((ddp / "provenance.json").read_text())
+    assert ddp_prov["distributed_type"] == "MULTI_CPU"
+    # ZeRO-2 reduces on every backward: its `mixed` step runs the combined scheme, the others reuse.
+    assert (ddp_prov["mixed_scheme"], prov["mixed_scheme"]) == ("reuse", "combined" if engine == "zero2" else "reuse")
 
     ddp_losses, zero_losses = _losses(ddp), _losses(zero)
     for tag, values in ddp_losses.items():
