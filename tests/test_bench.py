@@ -23,7 +23,7 @@ VARIANTS = {"baseline": "clean", "adversarial": "adversarial", "adv_train": "mix
 
 def run(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
     # One thread: the machine's two cores are shared, and oversubscribed threads make timings crawl.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}  # gpu.sh runs this interpreter
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -35,6 +35,7 @@ def bench_step_module():
     return module
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_on_the_cpu_end_to_end():
     done = run(BENCH / "gpu.sh", "--device", "cpu", "--arch", "small", "--precision", "fp32", "--repeats", "1",
                "--batch", "2", "--image-size", "32", "--peak-tflops", "1", "--loader-images", "32",
