@@ -14,7 +14,7 @@ Passes per micro-batch (a "pass" = one forward through the captioner):
                random-start FGSM, whose gradient is not at the clean point): the input gradient comes
                from `autograd.grad(..., retain_graph=True)` and one backward of α·clean + (1-α)·adversarial
                follows, reduced once: an extra input-gradient pass
-               (2.33× the FLOPs of clean) and two graphs alive at once. Its clean forward runs through
+               (2.35× the FLOPs of clean) and two graphs alive at once. Its clean forward runs through
                the unwrapped model: DeepSpeed hooks the wrapped forward's outputs and would run its
                gradient reduction at the end of ANY backward through them, the input-gradient pass
                included. Parameter gradients are unaffected: both wrappers reduce from hooks on the

@@ -79,20 +79,23 @@ def prepare_run_dir(rundir: RunDir, cfg: Config, resume: str | None) -> str | No
     return resume
 
 
-def _micro_batches(stream: TrainStream, workers: int, consumed: int):
-    """Endless micro-batches from data position `consumed` (epochs follow one another)."""
+def _micro_batches(stream: TrainStream, workers: int, consumed: int, pin_memory: bool = False):
+    """Endless micro-batches from data position `consumed` (epochs follow one another); `pin_memory` for a
+    CUDA device, so the step's copies to it can be asynchronous."""
     epoch, skip = divmod(consumed, stream.batches_per_epoch)
     while True:
         stream.set_position(epoch, skip)
         # A DataLoader iterator draws its base seed from the global torch RNG (dropout's). A resumed run
         # starts an iterator where an uninterrupted one does not, so that draw must not touch the global RNG.
         with torch.random.fork_rng(devices=[]):
-            loader = iter(make_loader(stream, workers))
+            loader = iter(make_loader(stream, workers, pin_memory))
         yield from loader
         epoch, skip = epoch + 1, 0
 
 
-def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, cfg: Config, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; `fused` (CUDA): one kernel per step instead of a loop of them.
+    The CPU keeps torch's default implementation."""
     params = trainable_parameters(model)
     if not params:
         raise AdvcapError("the freeze policy leaves no trainable parameter")
@@ -100,7 +103,7 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True if fused else None)
 
 
 @dataclass
@@ -173,7 +176,11 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
     set_seed(cfg.train.seed)  # the same initialisation on every rank
     captioner = build_captioner(cfg.model, cfg.data.image_size, tokenizer)
     counts = apply_freeze(captioner, cfg.freeze)
-    optimizer = _optimizer(captioner, cfg)
+    cuda = accelerator.device.type == "cuda"
+    # On the device before the optimizer exists: torch before 2.4 checks a fused optimizer's parameters
+    # at construction, and has no fused CPU kernel. (`prepare` would move it anyway.)
+    captioner.to(accelerator.device)
+    optimizer = _optimizer(captioner, cfg, fused=cuda)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.steps)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg.train.global_batch_size, per_rank, accum, cfg.train.grad_clip_norm)
@@ -212,7 +219,7 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         manifest, tokenizer, cfg.data.image_size, cfg.data.max_caption_tokens, per_rank, cfg.train.seed,
         rank, world, cfg.data.workers, cfg.data.shuffle_buffer,
     )
-    batches = _micro_batches(stream, cfg.data.workers, state.micro_batches)
+    batches = _micro_batches(stream, cfg.data.workers, state.micro_batches, pin_memory=cuda)
     settings = StepSettings(
         mode=cfg.train.mode,
         clean_weight=cfg.train.clean_weight,
@@ -253,7 +260,9 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
             backward, no_sync = driver.micro_batch(last=i == accum - 1)
             results.append(
                 train_micro_step(
-                    model, attack_model, batch["pixels"].to(device), batch["labels"].to(device), settings,
+                    # Pinned batches (CUDA) copy asynchronously; the step's kernels queue after the copy.
+                    model, attack_model, batch["pixels"].to(device, non_blocking=True),
+                    batch["labels"].to(device, non_blocking=True), settings,
                     loss_scale, backward, no_sync, sync=i == accum - 1, generator=generator,
                 )
             )

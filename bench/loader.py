@@ -1,6 +1,7 @@
 """Benchmark: the shard loader vs HuggingFace's ViTImageProcessor, and shard conversion throughput.
 
     .venv/bin/python bench/loader.py [--images 512] [--repeats 3]
+    .venv/bin/python bench/loader.py --train-stream --workers N [--images 256] [--batch 32] [--batches 40]
 
 Measured side by side in one run, medians over repeats, single process and one torch thread
 (so images/s is per core):
@@ -8,6 +9,11 @@ Measured side by side in one run, medians over repeats, single process and one t
   (b) ViTImageProcessor on the same images, already decoded to PIL (its input in a typical pipeline);
   (c) `advcap shards` conversion of 640×480 JPEGs (resize 256) with 1 and 2 worker processes.
 The last line is one JSON object with the figures.
+
+`--train-stream` measures instead what training reads: `TrainStream` through `make_loader` with N worker
+processes (`data.workers`), images/s in steady state. A worker's epoch is lengthened to `--batches`
+batches (the shards are resampled, so any length reads real data), so worker start-up is paid once as in a
+COCO epoch, and the clock starts when the first round of batches (one per worker) has arrived.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from advcap.data.loader import EvalStream
+from advcap.data.loader import EvalStream, TrainStream, make_loader
 from advcap.data.manifest import load_manifest
 from advcap.data.shardwriter import convert
 from advcap.tokenizer import train_tokenizer
@@ -60,6 +66,36 @@ def time_loader(manifest, tokenizer) -> float:
     return n / (time.perf_counter() - start)
 
 
+def time_train_stream(manifest, tokenizer, image_size: int, batch: int, workers: int, batches: int) -> float:
+    """Steady-state images/s of the training input path with `workers` worker processes."""
+    stream = TrainStream(manifest, tokenizer, image_size, 32, batch, 0, 0, 1, workers)
+    stream.batches_per_worker = batches  # a long epoch: see the module docstring
+    arrivals = [(time.perf_counter(), batch["pixels"].shape[0]) for batch in make_loader(stream, workers)]
+    first_round = max(1, workers)
+    if len(arrivals) <= first_round:
+        raise SystemExit(f"--batches {batches} gave {len(arrivals)} batches: too few to time after the first round")
+    start = arrivals[first_round - 1][0]
+    return sum(n for _, n in arrivals[first_round:]) / (arrivals[-1][0] - start)
+
+
+def train_stream_main(args: argparse.Namespace) -> None:
+    """The `--train-stream` measurement (see the module docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        annotations, images = make_source(tmp / "src", args.images)
+        tokenizer = train_tokenizer([f"a picture number {i} with shapes" for i in range(200)], tmp / "tok", 300)
+        convert("karpathy", annotations, images, tmp / "shards", resize=256, shard_size=64, workers=1)
+        manifest = load_manifest(tmp / "shards")
+        rates = [time_train_stream(manifest, tokenizer, args.image_size, args.batch, args.workers, args.batches)
+                 for _ in range(args.repeats)]
+    figures = {"workers": args.workers, "batch": args.batch, "image_size": args.image_size,
+               "batches_per_worker": args.batches, "repeats": args.repeats,
+               "train_stream_img_per_s": round(statistics.median(rates), 1)}
+    print(f"training stream, {args.workers} workers, batch {args.batch}, {args.image_size} px: "
+          f"{figures['train_stream_img_per_s']} img/s")
+    print(json.dumps(figures))
+
+
 def time_vit_processor(decoded: list[Image.Image]) -> float:
     from transformers import ViTImageProcessor
 
@@ -80,8 +116,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-stream", action="store_true", help="measure the training stream only (below)")
+    parser.add_argument("--workers", type=int, default=2, help="--train-stream: DataLoader worker processes")
+    parser.add_argument("--batch", type=int, default=BATCH, help="--train-stream: images per batch")
+    parser.add_argument("--batches", type=int, default=40, help="--train-stream: batches per worker")
+    parser.add_argument("--image-size", type=int, default=SIZE, help="--train-stream: side in px")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.train_stream:
+        train_stream_main(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         annotations, images = make_source(tmp / "src", args.images)

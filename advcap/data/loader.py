@@ -335,8 +335,10 @@ def split_metadata(manifest: Manifest, split: str) -> Iterator[SampleMeta]:
                 log.warning("skipping bad sample %s in %s: %s", sample.get("__key__"), shard.url, err)
 
 
-def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
-    """A DataLoader over a stream that batches itself (batch_size=None)."""
+def make_loader(stream: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over a stream that batches itself (batch_size=None). `pin_memory` (only with a CUDA
+    device: page-locked batches, whose copies to the GPU can be asynchronous) is done by the loader's own
+    thread, beside the step."""
     if num_workers > 0:
         # The fast tokenizer's thread pool does not survive fork; workers tokenize single captions anyway.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -347,4 +349,5 @@ def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
         multiprocessing_context="fork" if num_workers > 0 else None,
+        pin_memory=pin_memory,
     )
