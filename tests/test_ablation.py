@@ -282,7 +282,7 @@ def test_parallel_scheduling_waits_only_for_the_transfer_source_and_keeps_cores_
 
 @pytest.mark.slow
 def test_parallel_runs_train_the_transfer_source_first(data, tmp_path):
-    """transfer-fgsm needs the same seed's baseline model: --parallel trains the baselines as a first wave."""
+    """transfer-fgsm needs the same seed's baseline model: with --parallel a run starts once its baseline ended."""
     out = tmp_path / "runs" / "toy"
     results = run_plan(plan_ablation(PHASES, [0, 1], out, tiny(data, "[clean,transfer-fgsm]")), parallel=2)
     assert [r.status for r in results] == ["done"] * 4
