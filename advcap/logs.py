@@ -19,7 +19,9 @@ libraries still shows.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 # (logger name, start of a message it logs) for each known notice; see the module docstring for why each.
 KNOWN_NOTICES = (
@@ -29,14 +31,28 @@ KNOWN_NOTICES = (
 
 
 class _DropMessages(logging.Filter):
-    """Drops the records whose message starts with one of `starts`."""
+    """Drops the records whose message starts with one of `starts` or contains one of `parts`."""
 
-    def __init__(self, starts: tuple[str, ...]):
+    def __init__(self, starts: tuple[str, ...] = (), parts: tuple[str, ...] = ()):
         super().__init__()
-        self.starts = starts
+        self.starts, self.parts = starts, parts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.starts)
+        message = str(record.msg)
+        return not (message.startswith(self.starts) or any(part in message for part in self.parts))
+
+
+@contextlib.contextmanager
+def held_back(logger_name: str, part: str) -> Iterator[None]:
+    """Drop, while in the block, the records of one logger whose message contains `part` (for a notice the
+    caller checks and reports itself)."""
+    logger = logging.getLogger(logger_name)
+    drop = _DropMessages(parts=(part,))
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def setup_logging(level: int, tag: str = "") -> None:

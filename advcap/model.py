@@ -23,13 +23,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from advcap.config import MODEL_PRESETS
 from advcap.errors import AdvcapError
+from advcap.logs import held_back
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, VisionEncoderDecoderModel
@@ -435,7 +436,7 @@ def _load_checked(cls: Any, source: str, what: str, fresh: Optional[re.Pattern] 
     anew by design), else an error naming them; weights of the checkpoint the model leaves out must match
     `unused`, else a warning naming them. transformers' own report (a warning table on every load, also for
     what is expected) is held back."""
-    with _held_back(LOAD_REPORT_LOGGER, "LOAD REPORT"):
+    with held_back(LOAD_REPORT_LOGGER, "LOAD REPORT"):
         model, info = _from_pretrained(cls, source, what, output_loading_info=True, **kwargs)
     missing = sorted(k for k in info["missing_keys"] if not (fresh and fresh.search(k)))
     if missing:
@@ -454,19 +455,6 @@ def _load_checked(cls: Any, source: str, what: str, fresh: Optional[re.Pattern] 
 _CROSS_ATTENTION = re.compile(r"\.(crossattention|ln_cross_attn)\.")
 _POOLER = re.compile(r"^pooler\.")
 LOAD_REPORT_LOGGER = "transformers.modeling_utils"
-
-
-@contextlib.contextmanager
-def _held_back(logger_name: str, marker: str) -> Iterator[None]:
-    """Drop, while in the block, the records of one logger whose message contains `marker`."""
-    logger = logging.getLogger(logger_name)
-    drop = logging.Filter()
-    drop.filter = lambda record: marker not in str(record.msg)  # type: ignore[method-assign]
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
 
 
 def _load_whole(source: str, image_size: int) -> VisionEncoderDecoderModel:
