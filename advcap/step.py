@@ -32,6 +32,7 @@ gradient of the mean token loss of the global batch, whatever each rank's captio
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +43,10 @@ from advcap.attacks import fgsm, input_gradient
 from advcap.config import TRAIN_MODES
 
 SCHEMES = ("reuse", "combined")
+
+# The step's pixels come from the loader, uint8/255: in [0,1] by construction, so FGSM skips its range check
+# (two host reads per call).
+_fgsm = functools.partial(fgsm, check_range=False)
 
 
 @dataclass
@@ -117,11 +122,11 @@ def _adversarial_only(model, attack_model, pixels, labels, settings, loss_scale,
     loss_fn = _attack_loss(attack_model, labels)
     if settings.random_start:
         clean_loss, grad = None, None
-        adv = fgsm(loss_fn, pixels, settings.epsilon, random_start=True, generator=generator, check_range=False)
+        adv = _fgsm(loss_fn, pixels, settings.epsilon, random_start=True, generator=generator)
         zero = None
     else:
         clean_loss, grad = input_gradient(loss_fn, pixels)
-        adv = fgsm(loss_fn, pixels, settings.epsilon, grad=grad, check_range=False)
+        adv = _fgsm(loss_fn, pixels, settings.epsilon, grad=grad)
         zero = _zero_fraction(grad)
     adv_loss = model(adv, labels)
     backward(adv_loss * loss_scale)
@@ -136,7 +141,7 @@ def _mixed_reuse(model, pixels, labels, settings, loss_scale, backward, no_sync,
         clean_loss = model(x, labels)
         backward(clean_loss * (alpha * loss_scale))
     grad = x.grad  # α·scale·∂L/∂x: the sign, all FGSM needs, is that of ∂L/∂x (α, scale > 0)
-    adv = fgsm(None, pixels, settings.epsilon, grad=grad, check_range=False)
+    adv = _fgsm(None, pixels, settings.epsilon, grad=grad)
     adv_loss = model(adv, labels)
     backward(adv_loss * ((1.0 - alpha) * loss_scale))
     return StepResult(clean_loss.detach(), adv_loss.detach(), adv, _zero_fraction(grad))
@@ -146,14 +151,13 @@ def _mixed_combined(model, attack_model, pixels, labels, settings, loss_scale, b
     alpha = settings.clean_weight
     if settings.random_start:
         # The clean gradient is at x, the attack needs it at the random start: a separate attack pass.
-        adv = fgsm(_attack_loss(attack_model, labels), pixels, settings.epsilon, random_start=True, generator=generator,
-                   check_range=False)
+        adv = _fgsm(_attack_loss(attack_model, labels), pixels, settings.epsilon, random_start=True, generator=generator)
         clean_loss, zero = attack_model(pixels, labels), None
     else:
         x = pixels.detach().requires_grad_(True)
         clean_loss = attack_model(x, labels)  # unwrapped: see the module docstring
         (grad,) = torch.autograd.grad(clean_loss, x, retain_graph=True)
-        adv, zero = fgsm(None, pixels, settings.epsilon, grad=grad, check_range=False), _zero_fraction(grad)
+        adv, zero = _fgsm(None, pixels, settings.epsilon, grad=grad), _zero_fraction(grad)
     adv_loss = model(adv, labels)
     backward((alpha * clean_loss + (1.0 - alpha) * adv_loss) * loss_scale)
     return StepResult(clean_loss.detach(), adv_loss.detach(), adv, zero)
