@@ -147,10 +147,8 @@ def size_of(url: str) -> int | None:
         try:
             with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
                 length = response.headers.get("Content-Length")
-        except urllib.error.HTTPError as err:
-            raise FetchError(url, f"HTTP {err.code} {err.reason}", missing=err.code == 404) from None
         except (urllib.error.URLError, OSError) as err:
-            raise FetchError(url, _reason(err)) from None
+            raise _http_error(url, err) from None
         return int(length) if length is not None else None
     if url.startswith("pipe:"):
         return None
@@ -160,29 +158,23 @@ def size_of(url: str) -> int | None:
         if not S_ISREG(stat.st_mode):
             raise FetchError(url, "not a file", missing=True)
         return stat.st_size
-    except FileNotFoundError:
-        raise FetchError(url, "missing", missing=True) from None
     except OSError as err:
-        raise FetchError(url, f"cannot be read ({err.strerror or err})") from None
+        raise _local_error(url, err) from None
 
 
 def _open_once(url: str) -> BinaryIO:
     if url.startswith(("http://", "https://")):
         try:
             return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
-        except urllib.error.HTTPError as err:
-            raise FetchError(url, f"HTTP {err.code} {err.reason}", missing=err.code in (403, 404, 410)) from None
         except (urllib.error.URLError, OSError) as err:
-            raise FetchError(url, _reason(err)) from None
+            raise _http_error(url, err) from None
     if url.startswith("pipe:"):
         return _open_pipe(url)
     path = _local_path(url)
     try:
         return open(path, "rb")
-    except FileNotFoundError:
-        raise FetchError(url, "missing", missing=True) from None
     except OSError as err:
-        raise FetchError(url, f"cannot be read ({err.strerror or err})") from None
+        raise _local_error(url, err) from None
 
 
 def _local_path(url: str) -> Path:
@@ -191,9 +183,18 @@ def _local_path(url: str) -> Path:
     return Path(url)
 
 
-def _reason(err: BaseException) -> str:
+def _http_error(url: str, err: OSError) -> FetchError:
+    """An HTTP status or a connection failure as a FetchError; gone for good (no retry) for 403, 404 and 410."""
+    if isinstance(err, urllib.error.HTTPError):
+        return FetchError(url, f"HTTP {err.code} {err.reason}", missing=err.code in (403, 404, 410))
     reason = getattr(err, "reason", None)
-    return str(reason if reason is not None else err)
+    return FetchError(url, str(reason if reason is not None else err))
+
+
+def _local_error(url: str, err: OSError) -> FetchError:
+    if isinstance(err, FileNotFoundError):
+        return FetchError(url, "missing", missing=True)
+    return FetchError(url, f"cannot be read ({err.strerror or err})")
 
 
 def _open_pipe(url: str) -> BinaryIO:
