@@ -4,7 +4,9 @@ masks its gradients? (Athalye et al. 2018, Carlini et al. 2019 list the symptoms
 At evaluation (`eval.audit`), on the first `eval.audit_images` images of the first eval split, the paper's
 BLEU-4 under: clean and blind images; PGD as configured, with twice its steps (the same total travel), and
 with a single start; FGSM at ε/4, ε/2, ε, 2ε and 4ε (ε = attack.epsilon); and PGD at a large ε (0.5: half
-the pixel range). The numbers go into the evaluation record under "audit".
+the pixel range). The numbers go into the evaluation record under "audit". The audit rides on the evaluation's
+pass over those images: a condition the evaluation also has (clean, blind, its PGD, FGSM at the same ε) is
+the evaluation's own captions, not a second attack.
 
 The report then checks each phase (means over its seeds) and marks, in plain words with the numbers:
 
@@ -42,25 +44,47 @@ def audit_conditions(epsilon: float, pgd_steps: int, pgd_restarts: int) -> dict[
     return out
 
 
+def shared_with_evaluation(conditions: Mapping[str, dict], evaluated: Sequence[Any], pgd: Any) -> dict[str, str]:
+    """{audit condition: evaluation condition} for the audit conditions whose images the evaluation makes
+    anyway on the same batch (`evaluated`: advcap.conditions.Condition; `pgd`: its PGDSettings): clean, blind,
+    FGSM at an ε the evaluation also uses, and PGD as configured when it ascends the reference caption's loss.
+    The audit takes those captions as they are instead of attacking the images again."""
+    shared = {}
+    for name, c in conditions.items():
+        for e in evaluated:
+            same = (c["kind"] == e.kind and c.get("epsilon") == e.epsilon
+                    and (c["kind"] != "pgd" or (pgd.target == "reference" and c["steps"] == pgd.steps
+                                                and c["restarts"] == pgd.restarts)))
+            if same:
+                shared[name] = e.name
+                break
+    return shared
+
+
 def caption_audit_batch(batch_captioner: Any, pixels: Any, labels: Any, conditions: Mapping[str, dict],
-                        batch_index: int) -> dict[str, list[str]]:
-    """Captions of one batch under every audit condition (no collectives)."""
-    from advcap.attacks import fgsm
+                        batch_index: int, known: Optional[Mapping[str, list[str]]] = None) -> dict[str, list[str]]:
+    """Captions of one batch under every audit condition (no collectives); `known` gives the captions of
+    conditions already captioned on these images (see shared_with_evaluation), taken as they are."""
+    from advcap.attacks import fgsm, input_gradient
     from advcap.model import decode_captions
 
-    bc, captions = batch_captioner, {}
+    bc, captions, gradient = batch_captioner, dict(known or {}), None
     for name, c in conditions.items():
+        if name in captions:
+            continue
         if c["kind"] == "clean":
             images = pixels
         elif c["kind"] == "blind":
             images = pixels.new_zeros(pixels.shape)
         elif c["kind"] == "fgsm":
-            images = fgsm(lambda x: bc.captioner(x, labels), pixels, c["epsilon"])
+            if gradient is None:  # the ε sweep steps along one gradient
+                _, gradient = input_gradient(lambda x: bc.captioner(x, labels), pixels)
+            images = fgsm(None, pixels, c["epsilon"], grad=gradient)
         else:
             images = bc.attack_pgd(pixels, labels, c["epsilon"], ("audit", batch_index, name), c["steps"],
                                    c["restarts"] if bc.pgd.random_start else 1)
         captions[name] = decode_captions(bc.tokenizer, bc.generate(images))
-    return captions
+    return {name: captions[name] for name in conditions}
 
 
 # ---------------------------------------------------------------- the verdict (the report)

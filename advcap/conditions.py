@@ -178,16 +178,23 @@ class BatchCaptioner:
     ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
         """(captions per condition name, target captions per targeted condition) for images (B,3,S,S) in [0,1]
         whose first references are `labels` (B,L); `batch_index` (global) seeds the random starts."""
-        from advcap.attacks import fgsm
+        from advcap.attacks import fgsm, input_gradient
         from advcap.model import decode_captions
 
-        clean_ids = None
+        clean_ids = reference_gradient = None
 
         def clean() -> torch.Tensor:
             nonlocal clean_ids
             if clean_ids is None:
                 clean_ids = self.generate(pixels)
             return clean_ids
+
+        def fgsm_images(eps: float) -> torch.Tensor:
+            # Every FGSM condition of a batch (fgsm, fgsm@<ε>...) steps along the same gradient: one backward.
+            nonlocal reference_gradient
+            if reference_gradient is None:
+                _, reference_gradient = input_gradient(lambda images: self.captioner(images, labels), pixels)
+            return fgsm(None, pixels, eps, grad=reference_gradient)
 
         captions, targets = {}, {}
         for condition in conditions:
@@ -197,7 +204,7 @@ class BatchCaptioner:
             elif kind == "blind":
                 ids = self.generate(pixels.new_zeros(pixels.shape))
             elif kind == "fgsm":
-                ids = self.generate(fgsm(lambda images: self.captioner(images, labels), pixels, eps))
+                ids = self.generate(fgsm_images(eps))
             elif kind == "pgd":
                 target = labels if self.pgd.target == "reference" else caption_labels(clean(), self.tokenizer.eos_token_id)
                 ids = self.generate(self.attack_pgd(pixels, target, eps, (batch_index, condition.name),

@@ -157,7 +157,8 @@ def _caption_split(caption_batch: CaptionBatch, tokenizer: Any, cfg: Config, man
                 "image_id": image_id,
                 "split": split,
                 "references": list(references),
-                "captions": {name: texts[position] for name, texts in captions.items()},
+                # (the audit's condition lists cover only the images it audits: the batch's first ones)
+                "captions": {name: texts[position] for name, texts in captions.items() if position < len(texts)},
                 "batch_index": index,
                 "position": position,
             }
@@ -275,18 +276,48 @@ def _select_best_val(
     return {"weights": f"checkpoints/{best.name}", "step": checkpoint_step(best), "val_bleu4": scores}
 
 
-def _audit(batch_captioner: BatchCaptioner, cfg: Config, manifest: Any, split: str, accelerator: Any,
-           stop: StopRequest) -> dict:
-    """The attack audit's BLEU-4 figures on the first `eval.audit_images` images of `split` (advcap.audit)."""
-    from advcap.audit import audit_conditions, caption_audit_batch
+def _audit_conditions(cfg: Config) -> dict[str, dict]:
+    """The attack audit's conditions (advcap.audit), none when `eval.audit` is off."""
+    from advcap.audit import audit_conditions
 
-    conditions = audit_conditions(cfg.attack.epsilon, cfg.eval.pgd_steps, cfg.eval.pgd_restarts)
-    caption_batch = lambda p, l, r, i: (caption_audit_batch(batch_captioner, p, l, conditions, i), {})  # noqa: E731
-    limit = min(cfg.eval.audit_images, _expected_images(manifest, cfg, split))
-    local = _caption_split(caption_batch, batch_captioner.tokenizer, cfg, manifest, split, accelerator, stop, limit)
-    records = _gather(accelerator, local, limit, split, cfg.eval.allow_partial)
-    scores = split_metrics(records, list(conditions))
-    return {"split": split, "images": len(records), "conditions": conditions,
+    return audit_conditions(cfg.attack.epsilon, cfg.eval.pgd_steps, cfg.eval.pgd_restarts) if cfg.eval.audit else {}
+
+
+AUDIT = "audit:"  # prefix of the audit's captions in a record while its split is captioned
+
+
+def _with_audit(caption_batch: CaptionBatch, bc: BatchCaptioner, conds: Sequence[Condition], audit: dict[str, dict],
+                limit: int, batch_size: int) -> CaptionBatch:
+    """`caption_batch` that also captions the first `limit` images of the split under the attack audit's
+    conditions (`audit`, advcap.audit), under names prefixed AUDIT; a condition the evaluation has too is
+    its captions, not a second attack (advcap.audit.shared_with_evaluation)."""
+    from advcap.audit import caption_audit_batch, shared_with_evaluation
+
+    shared = shared_with_evaluation(audit, conds, bc.pgd)
+
+    def caption(pixels: Any, labels: Any, references: Sequence[Sequence[str]], index: int) -> tuple[dict, dict]:
+        captions, targets = caption_batch(pixels, labels, references, index)
+        audited = max(0, min(len(references), limit - index * batch_size))
+        if audited:
+            known = {name: captions[source][:audited] for name, source in shared.items()}
+            found = caption_audit_batch(bc, pixels[:audited], labels[:audited], audit, index, known)
+            captions = {**captions, **{AUDIT + name: texts for name, texts in found.items()}}
+        return captions, targets
+
+    return caption
+
+
+def _take_audit(records: Sequence[dict], split: str, audit: dict[str, dict]) -> dict:
+    """The audit's record from the records of its split, whose audit captions are moved out of them."""
+    audited = []
+    for record in records:
+        found = {name: record["captions"].pop(AUDIT + name) for name in audit if AUDIT + name in record["captions"]}
+        if found:
+            audited.append({"references": record["references"], "captions": found})
+    if not audited:
+        raise AdvcapError(f"eval {split}: none of the images of the attack audit could be read")
+    scores = split_metrics(audited, list(audit))
+    return {"split": split, "images": len(audited), "conditions": audit,
             "bleu4": {name: s["bleu4"] for name, s in scores.items()}}
 
 
@@ -391,14 +422,22 @@ def _evaluate(rundir: RunDir, cfg: Config, select: str, conds: list[Condition], 
     metrics, records, images, per_rank, files = {}, [], {}, {}, {}
     names = [c.name for c in conds]
     caption_batch = lambda p, l, r, i: bc(p, l, r, conds, i)  # noqa: E731
+    audit, audit_conditions = None, _audit_conditions(cfg)
     for split in splits:
         log.info("evaluating %s on %s: %s", rundir, split, ", ".join(names))
+        expected = _expected_images(manifest, cfg, split)
+        captioner = caption_batch
+        if audit_conditions and split == splits[0]:
+            log.info("with the attack audit on its first %d images", min(cfg.eval.audit_images, expected))
+            captioner = _with_audit(caption_batch, bc, conds, audit_conditions, min(cfg.eval.audit_images, expected),
+                                    cfg.eval.batch_size)
         heartbeat.beat(f"evaluating {split}")
-        local = _caption_split(caption_batch, bc.tokenizer, cfg, manifest, split, accelerator, stop)
+        local = _caption_split(captioner, bc.tokenizer, cfg, manifest, split, accelerator, stop)
         heartbeat.beat(f"gathering {split}")
         per_rank[split] = gather_object([len(local)])
-        expected = _expected_images(manifest, cfg, split)
         split_records = _gather(accelerator, local, expected, split, cfg.eval.allow_partial)
+        if captioner is not caption_batch:
+            audit = _take_audit(split_records, split, audit_conditions)
         # Scored once, on the main process (the COCO metrics start Java), and the same figures on every rank.
         metrics[split] = agree(f"scoring {split}", lambda: split_metrics(split_records, names, cfg.eval.coco_metrics),
                                main_only=True)
@@ -408,11 +447,6 @@ def _evaluate(rundir: RunDir, cfg: Config, select: str, conds: list[Condition], 
         files[f"{split}/references.json"] = json.dumps(coco_references(ids, [r["references"] for r in split_records]))
         for name in names:
             files[f"{split}/{name}.json"] = json.dumps(coco_results(ids, [r["captions"][name] for r in split_records]))
-    audit = None
-    if cfg.eval.audit:
-        log.info("auditing the attacks on %d images of %s", cfg.eval.audit_images, splits[0])
-        heartbeat.beat("auditing the attacks")
-        audit = _audit(bc, cfg, manifest, splits[0], accelerator, stop)
 
     notes = {"bleu1..bleu4": PAPER_TOKENS}
     if cfg.eval.coco_metrics:

@@ -262,6 +262,19 @@ def test_the_audit_record_holds_its_sweeps(evaluated):
     assert evaluated["record"]["epsilon"]["text"] == f"ε = {eps:g} ([0,1] pixels) = {eps * 255:.4g}/255 = {2 * eps:g} on [-1,1] inputs"
 
 
+def test_the_audit_takes_the_evaluations_own_captions_where_they_coincide(evaluated):
+    """The audit rides on the evaluation's pass: on its images (the first 6 of test; batches of 4, so the second
+    batch is audited in part) clean, blind, PGD and FGSM at ε are the evaluation's captions, scored again."""
+    audit = evaluated["record"]["audit"]
+    first = by_split(evaluated["predictions"], "test")[:6]
+    eps = evaluated["record"]["epsilon"]["pixels"]
+    for audit_name, condition in {"clean": "clean", "blind": "blind", "pgd": "pgd", f"fgsm@{eps:g}": "fgsm"}.items():
+        scores = corpus_bleu_scores([p["captions"][condition] for p in first], [p["references"] for p in first])
+        assert audit["bleu4"][audit_name] == scores["bleu4"], audit_name
+    # Its own conditions stay out of the predictions and COCO files.
+    assert all(not name.startswith("audit") for p in evaluated["predictions"] for name in p["captions"])
+
+
 def test_attacks_and_blanking_change_captions(evaluated):
     predictions = evaluated["predictions"]
     assert any(p["captions"]["fgsm@0.3"] != p["captions"]["clean"] for p in predictions)
