@@ -307,7 +307,8 @@ def _log_result(i: int, n: int, result: RunResult) -> None:
         log.info("%s", line)
 
 
-def _worker_init(threads: int, level: int) -> None:
+def init_worker(threads: int, level: int) -> None:
+    """A spawned worker process's set-up: its torch threads, and the parent's logging level and quiet."""
     import torch
 
     from advcap.logs import setup_logging
@@ -319,7 +320,7 @@ def _worker_init(threads: int, level: int) -> None:
 
 def _worker_main(conn: Any, threads: int, level: int) -> None:
     """A worker process of `_run_parallel`: runs the planned runs it is sent, one at a time."""
-    _worker_init(threads, level)
+    init_worker(threads, level)
     while True:
         try:
             task = conn.recv()
