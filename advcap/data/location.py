@@ -19,9 +19,13 @@ retried (the samples already read would repeat): readers handle it like a corrup
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
 import re
+import select
+import signal
 import subprocess
 import tempfile
 import time
@@ -40,7 +44,9 @@ from advcap.errors import AdvcapError
 log = logging.getLogger(__name__)
 
 URL_SCHEMES = ("http://", "https://", "file:", "pipe:")
-HTTP_TIMEOUT_S = 60.0
+# A fetch that gets no byte for this long is given up: an HTTP socket read times out, a `pipe:` command is
+# stopped. Without it a stalled server or command would hang a reader (and a single-process job) forever.
+FETCH_TIMEOUT_S = 60.0
 FIRST_RETRY_PAUSE_S = 0.5
 
 
@@ -145,7 +151,7 @@ def size_of(url: str) -> int | None:
     if url.startswith(("http://", "https://")):
         request = urllib.request.Request(url, method="HEAD")
         try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as response:
                 length = response.headers.get("Content-Length")
         except (urllib.error.URLError, OSError) as err:
             raise _http_error(url, err) from None
@@ -165,7 +171,7 @@ def size_of(url: str) -> int | None:
 def _open_once(url: str) -> BinaryIO:
     if url.startswith(("http://", "https://")):
         try:
-            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+            return urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S)
         except (urllib.error.URLError, OSError) as err:
             raise _http_error(url, err) from None
     if url.startswith("pipe:"):
@@ -199,9 +205,11 @@ def _local_error(url: str, err: OSError) -> FetchError:
 
 def _open_pipe(url: str) -> BinaryIO:
     """Run the command; fail (retryable) if it exits non-zero before writing anything."""
-    # stderr to a file, not a pipe: a chatty command could fill a pipe nobody reads and stall.
+    # stderr to a file, not a pipe: a chatty command could fill a pipe nobody reads and stall. Its own session:
+    # stopping it stops what it started too (a CLI's helper processes would otherwise keep the pipe open).
     errors = tempfile.TemporaryFile()
-    process = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=errors)
+    process = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=errors,
+                               start_new_session=True, bufsize=0)  # unbuffered: select() sees every byte waiting
     stream = _PipeStream(url, process, errors)
     if not stream.peek(1):
         stream.read()  # at the end already: raises FetchError if the command failed
@@ -210,13 +218,38 @@ def _open_pipe(url: str) -> BinaryIO:
     return stream
 
 
+class _StallGuard(io.RawIOBase):
+    """A command's standard output, read with a deadline: no byte for FETCH_TIMEOUT_S stops the command."""
+
+    def __init__(self, stream: "_PipeStream", output: BinaryIO):
+        super().__init__()
+        self.stream, self.output = stream, output
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.output.fileno()
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        ready, _, _ = select.select([self.output], [], [], FETCH_TIMEOUT_S)
+        if not ready:
+            self.stream.stop_command()
+            raise FetchError(self.stream.url, f"the command wrote nothing for {FETCH_TIMEOUT_S:g} s: stopped it")
+        return self.output.readinto(buffer)
+
+    def close(self) -> None:
+        self.output.close()
+        super().close()
+
+
 class _PipeStream(io.BufferedReader):
     """A command's standard output; closing it (or reaching its end) checks the exit status."""
 
     def __init__(self, url: str, process: subprocess.Popen, errors: BinaryIO):
-        super().__init__(process.stdout)  # type: ignore[arg-type]
         self.url, self.process, self.errors = url, process, errors
         self.checked = False
+        super().__init__(_StallGuard(self, process.stdout))  # type: ignore[arg-type]
 
     def read(self, size: int | None = -1) -> bytes:
         data = super().read(size)
@@ -230,13 +263,22 @@ class _PipeStream(io.BufferedReader):
         super().close()
         self._check_exit(at_end=False)
 
+    def stop_command(self) -> None:
+        """Stop the command and what it started (its session); its exit status then says nothing more."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.checked = True
+        self.errors.close()
+
     def _check_exit(self, at_end: bool) -> None:
         if self.checked:
             return
         self.checked = True
         killed = not at_end and self.process.poll() is None
-        if killed:
-            self.process.kill()  # closed before the end: the reader is done with it
+        if killed:  # closed before the end: the reader is done with it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         code = self.process.wait()
         self.errors.seek(0)
         stderr = self.errors.read().decode(errors="replace").strip()

@@ -236,6 +236,41 @@ def test_a_failing_pipe_command_is_named(served, tmp_path):
                       {"train": 8}, retries=0)
 
 
+def test_a_stalled_pipe_command_is_stopped_and_its_shard_handled_like_a_corrupt_one(served, tokenizer, tmp_path,
+                                                                                     monkeypatch, caplog):
+    """A command that writes half a shard and then hangs (a stalled object store) does not hang the reader:
+    after FETCH_TIMEOUT_S without a byte it is stopped, with what it started, and the shard's rest skipped."""
+    import os
+    import time
+
+    from advcap.data import location
+
+    root, _ = served
+    pid_file = tmp_path / "sleep.pid"
+    script = tmp_path / "stall.sh"
+    script.write_text(f"""case "$1" in
+  *.tar) head -c $(( $(wc -c < "$1") / 2 )) "$1"; sleep 600 & echo $! > {pid_file}; wait;;
+  *) cat "$1";;
+esac
+""")
+    first, second = shard_names(root, "test")[:2]
+    source = f"pipe:sh {script} {root}/shards/{first}::pipe:cat {root}/shards/{second}"
+    monkeypatch.setattr(location, "FETCH_TIMEOUT_S", 1.0)
+    remote = load_manifest(source)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        got = eval_ids(remote, tokenizer, "test")[0]
+    assert time.monotonic() - started < 30
+    assert 4 <= len(got) < 8  # the second shard whole, the first up to where its command stalled
+    assert f"{first}: the command wrote nothing for 1 s: stopped it" in caplog.text
+    assert "skipping the rest of corrupt shard" in caplog.text
+    sleeper = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # the command's own child was stopped with it
+        for _ in range(50):
+            os.kill(sleeper, 0)
+            time.sleep(0.1)
+
+
 # ---------------------------------------------------------------- img2dataset's layout
 
 
