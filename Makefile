@@ -21,9 +21,11 @@ demo: install
 	$(VENV)/bin/advcap demo --out runs/demo
 
 # tests/install-slurm.sh: Debian's SLURM + munge for the SLURM tests (a no-op once installed).
+# Two workers: most tests run in one single-threaded process, so one worker would leave a core idle;
+# --dist loadfile keeps each file's tests (and its module-wide fixtures) on one worker.
 test: install
 	sh tests/install-slurm.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	$(PY) bench/loader.py

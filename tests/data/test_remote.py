@@ -255,14 +255,14 @@ esac
 """)
     first, second = shard_names(root, "test")[:2]
     source = f"pipe:sh {script} {root}/shards/{first}::pipe:cat {root}/shards/{second}"
-    monkeypatch.setattr(location, "FETCH_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(location, "FETCH_TIMEOUT_S", 2.0)  # generous: the suite may share the cores
     remote = load_manifest(source)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING):
         got = eval_ids(remote, tokenizer, "test")[0]
     assert time.monotonic() - started < 30
     assert 4 <= len(got) < 8  # the second shard whole, the first up to where its command stalled
-    assert f"{first}: the command wrote nothing for 1 s: stopped it" in caplog.text
+    assert f"{first}: the command wrote nothing for 2 s: stopped it" in caplog.text
     assert "skipping the rest of corrupt shard" in caplog.text
     sleeper = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):  # the command's own child was stopped with it

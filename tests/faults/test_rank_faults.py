@@ -45,7 +45,8 @@ def test_a_killed_rank_ends_the_job_at_once_naming_it_and_the_run_resumes(data, 
     started = time.monotonic()
     killed = launch(DDP, *train_args(data, tmp_path), faults="train.step=kill@rank=1@step=5")
     assert killed.returncode != 0
-    assert time.monotonic() - started < 60
+    # Start-up included, on a machine whose other core runs another test (make test's second worker).
+    assert time.monotonic() - started < 90
     # Rank 0 names who stopped answering (its peer's connection closed); the launcher names the killed rank.
     assert "rank 0: rank 1 (last seen at step 5" in killed.stderr and "stopped answering" in killed.stderr
     assert "exitcode  : -9" in killed.stderr and "rank      : 1" in killed.stderr
@@ -63,8 +64,9 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_naming_it(data, tmp_path):
     hung = launch(DDP, *train_args(data, tmp_path), faults="train.step=stop@rank=1@step=3", timeout=240)
     took = time.monotonic() - started
     assert hung.returncode != 0
-    # dist.timeout_s, then the launcher's grace period before it SIGKILLs the frozen rank (30 s), and start-up.
-    assert took < TIMEOUT_S + 30 + 40, took
+    # dist.timeout_s, then the launcher's grace period before it SIGKILLs the frozen rank (30 s), and start-up
+    # (up to a minute while the other core runs another test); the hang itself would last until timeout=240.
+    assert took < TIMEOUT_S + 30 + 60, took
     assert "rank 0: rank 1 (last seen at step 3" in hung.stderr, hung.stderr[-3000:]
     assert f"stopped answering during training {run_of(data, tmp_path)} (dist.timeout_s={TIMEOUT_S}" in hung.stderr
     assert "Timed out" in hung.stderr
