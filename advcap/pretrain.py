@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from advcap import atomic
+from advcap import atomic, faults
 from advcap.data.images import to_square_pixels
 from advcap.data.synth import BACKGROUNDS, COLORS, SHAPES, SIZES
 from advcap.model import HALF, PRESET_ARCHS, preset_decoder, preset_encoder
@@ -62,6 +62,7 @@ def _fit(params: list, batch_loss: Callable[[], torch.Tensor], steps: int, lr: f
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     for step in tqdm(range(steps), desc=f"pretrain {what.split()[0]}", disable=None):
+        faults.point("pretrain.step", step=step + 1)
         loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
