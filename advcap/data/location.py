@@ -264,12 +264,16 @@ class _PipeStream(io.BufferedReader):
         self._check_exit(at_end=False)
 
     def stop_command(self) -> None:
-        """Stop the command and what it started (its session); its exit status then says nothing more."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        """Stop the command and what it started; its exit status then says nothing more."""
+        self._kill_session()
         self.process.wait()
         self.checked = True
         self.errors.close()
+
+    def _kill_session(self) -> None:
+        """SIGKILL the command's session (started with it): the command and every process it started."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def _check_exit(self, at_end: bool) -> None:
         if self.checked:
@@ -277,8 +281,7 @@ class _PipeStream(io.BufferedReader):
         self.checked = True
         killed = not at_end and self.process.poll() is None
         if killed:  # closed before the end: the reader is done with it
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+            self._kill_session()
         code = self.process.wait()
         self.errors.seek(0)
         stderr = self.errors.read().decode(errors="replace").strip()
