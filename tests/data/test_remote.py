@@ -271,6 +271,36 @@ esac
             time.sleep(0.1)
 
 
+def test_closing_a_pipe_shard_early_stops_its_command_and_what_it_started(served, tmp_path):
+    """A reader done with a shard before its end (a run that stops mid-shard) closes it: the command and the
+    processes it started stop then, not when they would have finished, and no error is raised for them."""
+    import os
+    import time
+
+    from advcap.data.location import open_url
+
+    root, _ = served
+    pid_file = tmp_path / "helper.pid"
+    shard = root / "shards" / shard_names(root, "train")[0]
+    # The shard, then a helper process that would hold the pipe open for ten minutes.
+    command = f"pipe:sh -c 'cat {shard}; sleep 600 & echo $! > {pid_file}; wait'"
+    stream = open_url(command, retries=0)
+    assert stream.read(512) == shard.read_bytes()[:512]
+    for _ in range(100):  # the helper starts once cat has written the whole (small) shard
+        if pid_file.is_file() and pid_file.read_text().strip():
+            break
+        time.sleep(0.1)
+    helper = int(pid_file.read_text())
+    started = time.monotonic()
+    stream.close()
+    assert time.monotonic() - started < 10
+    assert stream.process.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(helper, 0)
+            time.sleep(0.1)
+
+
 # ---------------------------------------------------------------- img2dataset's layout
 
 
