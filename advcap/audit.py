@@ -16,14 +16,21 @@ The report then checks each phase (means over its seeds) and marks, in plain wor
 4. a large ε not driving BLEU toward the blind score;
 5. a transfer attack stronger than the white-box one (transfer-fgsm below fgsm).
 
-Each check allows `TOLERANCE` BLEU-4 points of noise (a few dozen images).
+Each check allows `TOLERANCE` BLEU-4 points of noise. Check 2 and 3 compare two conditions on the same few
+dozen images, where BLEU-4 moves by more than that from image sample to image sample: there the allowance is
+`NOISE_SDS` standard deviations of the difference (the phase's mean over seeds), by a paired bootstrap over the
+audited images, when that is larger, so that a difference within the noise of the sample is not called an attack's
+weakness. Records without the audit's captions (older evaluations) keep the fixed `TOLERANCE`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional, Sequence
 
 TOLERANCE = 0.01
+NOISE_SDS = 2.0  # a paired difference is noise up to this many bootstrap standard deviations
+BOOTSTRAP_RESAMPLES = 1000
 LARGE_EPSILON = 0.5
 EPSILON_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -121,23 +128,22 @@ def checks(records: Sequence[Mapping[str, Any]], epsilon: float) -> list[dict]:
     audit = [r.get("audit") for r in records]
     if all(isinstance(a, Mapping) for a in audit) and audit:
         bleu = lambda name: mean_of(["audit", "bleu4", name])  # noqa: E731
+        noise = PairedNoise(audit)
         base, more_steps, one_start = bleu("pgd"), bleu("pgd-2x-steps"), bleu("pgd-1-start")
         if None not in (base, more_steps, one_start):
-            bad = []
-            if more_steps > base + TOLERANCE:
-                bad.append(f"twice the steps {more_steps:.3f} > {base:.3f}")
-            if base > one_start + TOLERANCE:
-                bad.append(f"restarts {base:.3f} > one start {one_start:.3f}")
-            out.append({"check": "more PGD steps and restarts at least as strong", "ok": not bad,
-                        "detail": "; ".join(bad) or f"steps ×2: {more_steps:.3f} ≤ {base:.3f}; "
-                                                    f"restarts: {base:.3f} ≤ one start {one_start:.3f}"})
-        sweep = sorted((float(name.split("@")[1]), value) for name in (audit[0].get("bleu4") or {})
+            steps = _at_most(more_steps, base, noise.allowance("pgd-2x-steps", "pgd"))
+            starts = _at_most(base, one_start, noise.allowance("pgd", "pgd-1-start"))
+            out.append({"check": "more PGD steps and restarts at least as strong", "ok": steps[0] and starts[0],
+                        "detail": f"twice the steps vs as configured: {steps[1]}; restarts vs one start: {starts[1]}"})
+        sweep = sorted((float(name.split("@")[1]), name, value) for name in (audit[0].get("bleu4") or {})
                        if name.startswith("fgsm@") and (value := bleu(name)) is not None)
         if len(sweep) >= 2:
-            rises = [f"ε {a:g}→{b:g}: {va:.3f}→{vb:.3f}" for (a, va), (b, vb) in zip(sweep, sweep[1:]) if vb > va + TOLERANCE]
-            out.append({"check": "BLEU falls as FGSM's ε grows", "ok": not rises,
-                        "detail": "; ".join(rises) or " > ".join(f"{v:.3f}" for _, v in sweep) + " (ε " +
-                        ", ".join(f"{e:g}" for e, _ in sweep) + ")"})
+            pairs = [(f"ε {a:g}→{b:g}", vb > va, _at_most(vb, va, noise.allowance(nb, na)))
+                     for (a, na, va), (b, nb, vb) in zip(sweep, sweep[1:])]
+            rises = [f"{where}: {text}" for where, rose, (_, text) in pairs if rose]
+            out.append({"check": "BLEU falls as FGSM's ε grows", "ok": all(ok for _, _, (ok, _) in pairs),
+                        "detail": ", ".join(f"{v:.3f}" for _, _, v in sweep) + " at ε "
+                        + ", ".join(f"{e:g}" for e, _, _ in sweep) + ("; rises " + "; ".join(rises) if rises else "")})
         clean, blind, large = bleu("clean"), bleu("blind"), bleu(f"pgd@{LARGE_EPSILON:g}")
         if None not in (clean, blind, large):
             limit = blind + max(TOLERANCE, 0.25 * max(clean - blind, 0.0))
@@ -152,3 +158,57 @@ def checks(records: Sequence[Mapping[str, Any]], epsilon: float) -> list[dict]:
         out.append({"check": "transfer no stronger than white-box FGSM", "ok": not bad,
                     "detail": "; ".join(bad) or ", ".join(f"{s}: transfer {t:.3f} ≥ white-box {f:.3f}" for s, t, f in transfer)})
     return out
+
+
+def _at_most(value: float, bound: float, allowed: float) -> tuple[bool, str]:
+    """Is `value` ≤ `bound` up to `allowed` of noise, and that in words: "0.31 ≤ 0.33", "0.31 > 0.30 (within
+    the noise, ±0.025)" or "0.35 > 0.30 (beyond the noise, ±0.025)"."""
+    if value <= bound:
+        return True, f"{value:.3f} ≤ {bound:.3f}"
+    ok = value <= bound + allowed
+    return ok, f"{value:.3f} > {bound:.3f} ({'within' if ok else 'beyond'} the noise, ±{allowed:.3f})"
+
+
+class PairedNoise:
+    """How far BLEU-4 under one audit condition may rise above another's by chance alone, for a phase.
+
+    Per run, a paired bootstrap over its audited images (the same resampled images for both conditions) gives
+    the standard deviation of BLEU-4(a) − BLEU-4(b); the phase compares means over its runs, whose standard
+    deviation is sqrt(Σ sd²) / runs. The allowance is NOISE_SDS of those, or TOLERANCE when that is larger or
+    when a run's record has no audit captions to resample."""
+
+    def __init__(self, audits: Sequence[Mapping[str, Any]]):
+        self.audits = audits
+        self._statistics: dict[tuple[int, str], Any] = {}
+
+    def allowance(self, a: str, b: str) -> float:
+        sds = [self._run_sd(i, a, b) for i in range(len(self.audits))]
+        if not sds or any(sd is None for sd in sds):
+            return TOLERANCE
+        return max(TOLERANCE, NOISE_SDS * math.sqrt(sum(sd * sd for sd in sds)) / len(sds))
+
+    def _run_sd(self, run: int, a: str, b: str) -> Optional[float]:
+        import numpy as np
+
+        from advcap.metrics import bleu4_from_statistics
+
+        stats_a, stats_b = self._stats(run, a), self._stats(run, b)
+        if stats_a is None or stats_b is None or len(stats_a) < 2:
+            return None
+        # Seeded by the run's place and the pair, so that a report is the same every time it is made.
+        rng = np.random.default_rng([run, len(stats_a), *map(ord, a + "|" + b)])
+        picks = rng.integers(0, len(stats_a), size=(BOOTSTRAP_RESAMPLES, len(stats_a)))
+        differences = (bleu4_from_statistics(stats_a[picks].sum(axis=1))
+                       - bleu4_from_statistics(stats_b[picks].sum(axis=1)))
+        return float(differences.std(ddof=1))
+
+    def _stats(self, run: int, name: str) -> Any:
+        if (run, name) not in self._statistics:
+            from advcap.metrics import bleu4_statistics
+
+            audit = self.audits[run]
+            captions, references = (audit.get("captions") or {}).get(name), audit.get("references")
+            usable = (isinstance(captions, list) and isinstance(references, list)
+                      and len(captions) == len(references) and all(isinstance(c, str) for c in captions))
+            self._statistics[run, name] = bleu4_statistics(captions, references) if usable else None
+        return self._statistics[run, name]

@@ -317,8 +317,12 @@ def _take_audit(records: Sequence[dict], split: str, audit: dict[str, dict]) -> 
     if not audited:
         raise AdvcapError(f"eval {split}: none of the images of the attack audit could be read")
     scores = split_metrics(audited, list(audit))
+    # The captions themselves too: the report's checks weigh a difference between two conditions against how
+    # much it varies over these images (advcap.audit).
     return {"split": split, "images": len(audited), "conditions": audit,
-            "bleu4": {name: s["bleu4"] for name, s in scores.items()}}
+            "bleu4": {name: s["bleu4"] for name, s in scores.items()},
+            "references": [r["references"] for r in audited],
+            "captions": {name: [r["captions"][name] for r in audited] for name in audit}}
 
 
 def evaluate(

@@ -98,6 +98,49 @@ def corpus_bleu_scores(hypotheses: Sequence[str], references: Sequence[Sequence[
     }
 
 
+# Per image, the counts nltk's corpus BLEU-4 pools over a corpus: matched and total k-grams for k = 1…4,
+# then the caption's length and its closest reference's length (columns in that order).
+BLEU4_STATISTICS = 10
+
+
+def bleu4_statistics(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> "np.ndarray":
+    """(N, BLEU4_STATISTICS) int64: what each image adds to the corpus BLEU-4 of `corpus_bleu_scores`.
+
+    Any subset of the rows, summed and given to `bleu4_from_statistics`, is the corpus BLEU-4 of those images:
+    what a bootstrap over images needs without re-tokenising and re-counting for every resample."""
+    import numpy as np
+    from nltk.translate.bleu_score import closest_ref_length, modified_precision
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
+    rows = []
+    for hypothesis, image_refs in zip(hypotheses, references):
+        hyp, refs = tokenize(hypothesis), [tokenize(r) for r in image_refs]
+        row = []
+        for n in ORDERS:
+            precision = modified_precision(refs, hyp, n)
+            row += [precision.numerator, precision.denominator]
+        rows.append(row + [len(hyp), closest_ref_length(refs, len(hyp))])
+    return np.array(rows, dtype=np.int64).reshape(len(rows), BLEU4_STATISTICS)
+
+
+def bleu4_from_statistics(totals: "np.ndarray") -> "np.ndarray":
+    """Corpus BLEU-4 from `bleu4_statistics` rows summed over images: (..., BLEU4_STATISTICS) → (...).
+
+    The same formula as nltk's corpus_bleu without smoothing (and 0.0 when an order has no match, as
+    `corpus_bleu_scores` says): the geometric mean of the four pooled precisions times the brevity penalty."""
+    import numpy as np
+
+    totals = np.asarray(totals, dtype=np.float64)
+    matched, counted = totals[..., 0:8:2], totals[..., 1:8:2]
+    hyp_len, ref_len = totals[..., 8], totals[..., 9]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_precision = np.log(matched / np.maximum(counted, 1)).mean(axis=-1)  # a zero count: -inf, a score of 0
+        penalty = np.where(hyp_len > ref_len, 1.0, np.exp(1 - ref_len / np.maximum(hyp_len, 1)))
+        score = penalty * np.exp(log_precision)
+    return np.where((hyp_len == 0) | (matched.min(axis=-1) == 0), 0.0, score)
+
+
 # ---------------------------------------------------------------- the COCO caption evaluation
 
 

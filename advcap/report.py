@@ -611,10 +611,12 @@ def _targeted_table(report: Report) -> str:
 
 def _audit_text(report: Report) -> str:
     """Per phase: each check, ✓ or ✗, with its numbers (advcap.audit)."""
-    from advcap.audit import TOLERANCE
+    from advcap.audit import NOISE_SDS, TOLERANCE
 
-    lines = [f"Checks a robustness reviewer would make (BLEU-4, means over seeds, a tolerance of {TOLERANCE} for noise); "
-             "✗ marks what would make one suspect too weak an attack or gradient masking.", ""]
+    lines = [f"Checks a robustness reviewer would make (BLEU-4, means over seeds, a tolerance of {TOLERANCE} for noise, "
+             f"or, where two audit conditions are compared on the same images, {NOISE_SDS:g} standard deviations of "
+             "their difference by a paired bootstrap over those images when that is larger); ✗ marks what would "
+             "make one suspect too weak an attack or gradient masking.", ""]
     for phase, found in report.audit.items():
         if not found:
             lines.append(f"- **{phase}**: nothing to check (no attack conditions or audit in its records)")

@@ -110,3 +110,74 @@ def test_a_model_that_masks_its_gradient_is_flagged(model):
     found = {c["check"]: c for c in checks([record], EPSILON)}
     large = found["a large ε (0.5) drives BLEU toward blind"]
     assert large["ok"] is False and "above" in large["detail"]
+
+
+# ---------------------------------------------------------------- the noise allowance of paired comparisons
+
+SHAPES_COLOURS = (["red", "blue", "green", "yellow", "purple"], ["circle", "square", "star", "diamond"])
+
+
+def scenes_and_references(n: int = 50):
+    colours, shapes = SHAPES_COLOURS
+    rng = random.Random(1)
+    scenes = [(rng.choice(colours), rng.choice(shapes), rng.choice(colours), rng.choice(shapes)) for _ in range(n)]
+    references = [[f"a {a} {b} left of a {c} {d}", f"two shapes: a {a} {b} and a {c} {d}",
+                   f"a picture of a {c} {d} and a {a} {b}"] for a, b, c, d in scenes]
+    return scenes, references
+
+
+def captions_wrong_on(scenes, wrong: set[int]) -> list[str]:
+    """Each scene described; on the images in `wrong` with its first colour and its second shape wrong."""
+    colours, shapes = SHAPES_COLOURS
+    out = []
+    for i, (a, b, c, d) in enumerate(scenes):
+        if i in wrong:
+            a, d = colours[(colours.index(a) + 1) % len(colours)], shapes[(shapes.index(d) + 1) % len(shapes)]
+        out.append(f"a {a} {b} left of a {c} {d}")
+    return out
+
+
+def pgd_record(scenes, references, wrong: dict[str, set[int]], with_captions: bool = True) -> dict:
+    from advcap.metrics import corpus_bleu_scores
+
+    captions = {name: captions_wrong_on(scenes, images) for name, images in wrong.items()}
+    audit = {"bleu4": {name: corpus_bleu_scores(c, references)["bleu4"] for name, c in captions.items()}}
+    if with_captions:
+        audit.update(references=references, captions=captions)
+    return {"metrics": {}, "audit": audit}
+
+
+def test_a_difference_within_the_noise_of_the_audited_images_is_not_flagged():
+    """Twice the steps scoring 0.03 above the configured PGD, when the two attacks fool different images (as
+    attacks from different trajectories do), is sampling noise on 50 images: passed, with the allowance named.
+    The same numbers from an older record without the audit's captions are judged by the fixed tolerance."""
+    from advcap.audit import TOLERANCE
+
+    scenes, references = scenes_and_references()
+    pick = random.Random(5)
+    wrong = {"pgd": set(pick.sample(range(50), 25)), "pgd-2x-steps": set(pick.sample(range(50), 22)),
+             "pgd-1-start": set(pick.sample(range(50), 20))}
+    record = pgd_record(scenes, references, wrong)
+    bleu = record["audit"]["bleu4"]
+    assert bleu["pgd-2x-steps"] > bleu["pgd"] + 3 * TOLERANCE  # beyond the fixed tolerance
+    (found,) = checks([record], EPSILON)
+    assert found["ok"] is True and "(within the noise, ±" in found["detail"], found
+    (old,) = checks([pgd_record(scenes, references, wrong, with_captions=False)], EPSILON)
+    assert old["ok"] is False and f"(beyond the noise, ±{TOLERANCE:.3f})" in old["detail"], old
+
+
+def test_a_difference_beyond_the_noise_is_flagged_and_more_runs_narrow_the_allowance():
+    """Twice the steps fooling 5 images where the configured PGD fools 25 (a weak configured attack), and the
+    restarts worse than one start: both flagged even with the allowance. The allowance of a phase's mean
+    over three such runs is about the single run's divided by √3."""
+    from advcap.audit import PairedNoise
+
+    scenes, references = scenes_and_references()
+    fooled = set(random.Random(5).sample(range(50), 25))
+    record = pgd_record(scenes, references, {"pgd": fooled, "pgd-2x-steps": set(sorted(fooled)[:5]),
+                                             "pgd-1-start": fooled | set(range(40))})
+    (found,) = checks([record], EPSILON)
+    assert found["ok"] is False and found["detail"].count("(beyond the noise, ±") == 2, found
+    one, three = (PairedNoise([record["audit"]] * runs).allowance("pgd-2x-steps", "pgd") for runs in (1, 3))
+    assert three == pytest.approx(one / 3 ** 0.5, rel=0.1)  # each run its own resamples
+    assert PairedNoise([record["audit"]]).allowance("pgd-2x-steps", "pgd") == one  # seeded: the same every time

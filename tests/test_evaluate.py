@@ -259,6 +259,10 @@ def test_the_audit_record_holds_its_sweeps(evaluated):
     expected = {"clean", "blind", "pgd", "pgd-2x-steps", "pgd-1-start", "pgd@0.5",
                 *(f"fgsm@{min(1.0, f * eps):g}" for f in (0.25, 0.5, 1, 2, 4))}
     assert set(audit["bleu4"]) == expected and all(0 <= v <= 1 for v in audit["bleu4"].values())
+    # Its captions too, image by image, for the report's noise allowance: they give the scores it holds.
+    assert len(audit["references"]) == 6 and set(audit["captions"]) == expected
+    for name, captions in audit["captions"].items():
+        assert corpus_bleu_scores(captions, audit["references"])["bleu4"] == audit["bleu4"][name], name
     assert evaluated["record"]["epsilon"]["text"] == f"ε = {eps:g} ([0,1] pixels) = {eps * 255:.4g}/255 = {2 * eps:g} on [-1,1] inputs"
 
 

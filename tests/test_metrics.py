@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 
-from advcap.metrics import corpus_bleu_scores, tokenize
+from advcap.metrics import bleu4_from_statistics, bleu4_statistics, corpus_bleu_scores, tokenize
 
 # Hypothesis "a red circle" (c = 3) against "A red circle, on the left!" (6 words: r = 6).
 #   p1 = 3/3, p2 = 2/2, p3 = 1/1; a 3-word caption has no 4-gram, so p4 = 0/0 counts as no match.
@@ -127,6 +127,34 @@ def test_an_empty_caption_counts_in_the_brevity_penalty_and_as_one_unmatched_ngr
     assert scores["bleu2"] == pytest.approx(0.6061321701472839, abs=1e-12)
     assert scores["bleu3"] == pytest.approx(0.6004024875744932, abs=1e-12)
     assert scores["bleu4"] == pytest.approx(0.5611693462411115, abs=1e-12)
+
+
+def test_per_image_statistics_summed_over_any_subset_give_that_subsets_corpus_bleu4():
+    """What the audit's bootstrap resamples: BLEU-4 from summed per-image counts equals nltk's corpus BLEU-4 of
+    the same images, repeats included (a bootstrap draws an image more than once), on the worked examples and
+    on random captions over a small vocabulary (many partial matches, some without any 4-gram)."""
+    import random
+
+    pairs = [SHORT, CLIPPED, FOUR_GRAMS, ("", ["a green star"]), ("purple", ["a red circle"])]
+    rng = random.Random(0)
+    words = "a red blue green square circle star big small left of the right above".split()
+    for _ in range(40):
+        pairs.append((" ".join(rng.choice(words) for _ in range(rng.randint(0, 9))),
+                      [" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 4))]))
+    stats = bleu4_statistics([h for h, _ in pairs], [r for _, r in pairs])
+    assert stats.shape == (len(pairs), 10)
+    assert bleu4_from_statistics(stats[2]) == pytest.approx(0.9457416090031758, abs=1e-12)  # FOUR_GRAMS alone
+    subsets = [list(range(len(pairs))), [2, 3], [0], [2, 2, 5, 9, 9, 9]] + [
+        [rng.randrange(len(pairs)) for _ in range(20)] for _ in range(30)]
+    nonzero = 0
+    for subset in subsets:
+        expected = bleu(*[pairs[i] for i in subset])["bleu4"]
+        assert float(bleu4_from_statistics(stats[subset].sum(axis=0))) == pytest.approx(expected, abs=1e-12), subset
+        nonzero += expected > 0
+    assert nonzero >= 10  # not only the zero case
+    # Many subsets at once: the leading axes are kept.
+    picks = [[0, 1, 2], [2, 4, 4]]
+    assert bleu4_from_statistics(stats[picks].sum(axis=1)).shape == (2,)
 
 
 def test_bad_inputs_are_errors():
