@@ -1,8 +1,10 @@
 """Training: `train(cfg)` runs one phase × seed into its run directory.
 
-The loop composes components that decide when to act: the data stream (position = micro-batches
-consumed), the step (`advcap.step`), the driver of the engine (`advcap.distributed`), the checkpointer
-(`due(step)`), the non-finite policy and the trackers (`advcap.tracking`). Every rank runs the same loop; besides
+`_train` is the loop, one screen: `_start` builds what a start of the run works with (a `_Run`), `_step` makes
+one optimizer step, and components decide when to act: the data stream (position = micro-batches consumed), the
+step (`advcap.step`), the driver of the engine (`advcap.distributed`), logging, validation and its overfitting
+guard, the non-finite policy, the checkpointer (`due(step)`) and the trackers (`advcap.tracking`); `_finish`
+exports the model and marks the run finished. Every rank runs the same loop; besides
 the gradient reduction the ranks exchange two tiny reductions per optimizer step: the global target-token
 count (loss normalisation) and a flags vector (a non-finite loss or gradient norm anywhere, a stop
 request anywhere), so all ranks skip or stop at the same step. Setup, checkpoints and the final
@@ -20,6 +22,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
@@ -163,8 +166,89 @@ def train(cfg: Config, resume: str | None = None, stop_at_step: int | None = Non
             signal.signal(sig, handler)
 
 
+@dataclass
+class _Run:
+    """One start of a run: what the loop and its policies work with (made by `_start`)."""
+
+    cfg: Config
+    accelerator: Any
+    rundir: RunDir
+    trackers: Trackers
+    tokenizer: Any
+    model: torch.nn.Module  # as prepared by Accelerate (DDP- or DeepSpeed-wrapped)
+    attack_model: torch.nn.Module  # the same captioner unwrapped
+    scheduler: Any
+    driver: Any  # advcap.distributed's engine driver
+    checkpointer: Checkpointer
+    validator: Validator | None
+    best: BestCheckpoint | None
+    batches: Iterator[dict]
+    settings: StepSettings
+    nonfinite: NonFinitePolicy
+    record: dict  # provenance.json, filled in as the run goes
+    accum: int
+    generator: torch.Generator
+    validation_s: float = 0.0
+
+
+@dataclass
+class _Stepped:
+    """One optimizer step's inputs and per-micro-batch results, for logging."""
+
+    micro: list[dict]
+    results: list
+    local_tokens: int
+    grad_norm: Any
+    stop_now: bool  # a stop request on some rank
+
+
 def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at_step: int | None,
            heartbeat: Heartbeat, trackers: Trackers) -> str:
+    run, state = _start(cfg, accelerator, rundir, resume, trackers)
+    stop = StopRequest()
+    stop.install()
+    window = _Window(accelerator.device)
+    started = time.perf_counter()
+    run.model.train()
+    log.info(
+        "training %s: %d steps, global batch %d = %d ranks × %d × %d accumulation, mode %s, freeze %s",
+        rundir, cfg.train.steps, cfg.train.global_batch_size, accelerator.num_processes,
+        per_rank_batch_size(cfg, accelerator.num_processes), run.accum, cfg.train.mode, cfg.freeze.modules,
+    )
+    if state.step < cfg.train.steps and _stop_agreed(accelerator, stop):
+        log.warning("stop requested before the first step of this start: nothing new to checkpoint")
+        return STOPPED_NO_PROGRESS
+    while state.step < cfg.train.steps and state.stopped_early is None:  # (a resumed early stop only finishes)
+        heartbeat.beat(f"at step {state.step + 1}")
+        faults.point("train.step", step=state.step + 1)
+        stepped = _step(run, state, stop)
+        window = _log_if_due(run, state, window, stepped)
+        if _validate_if_due(run, state):
+            run.checkpointer.save(state)
+            break
+        _raise_if_nonfinite_exhausted(run, state)
+        if stepped.stop_now or state.step == stop_at_step:
+            run.checkpointer.save(state)
+            log.warning("stopped at step %d on request; continue with --resume latest", state.step)
+            return STOPPED
+        if run.checkpointer.due(state.step):
+            run.checkpointer.save(state)
+
+    trained_here = state.step > run.record["resumed_at_step"]
+    if state.stopped_early is None and trained_here and not run.checkpointer.due(state.step):
+        run.checkpointer.save(state)  # the final state (not again when resumed from it)
+    if state.stopped_early is not None and state.stopped_early["action"] == "rollback":
+        agree("rolling back to checkpoints/best", lambda: run.best.load_into(run.attack_model))
+        log.warning("finishing with the weights of checkpoints/best (step %d)", state.best_step)
+    wall = time.perf_counter() - started
+    _finish(run, state, wall)
+    log.info("finished %s in %.1f s", rundir, wall)
+    return FINISHED
+
+
+def _start(cfg: Config, accelerator, rundir: RunDir, resume: str | None,
+           trackers: Trackers) -> tuple[_Run, TrainerState]:
+    """Build the model, optimizer, engine, data stream and policies; write the run's config; resume the state."""
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -211,7 +295,6 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
     best = BestCheckpoint(rundir, cfg.train.keep_best) if validator and cfg.train.keep_best != "none" else None
     if best is not None and accelerator.is_main_process:
         best.drop_if_ahead_of(state.step)
-    validation_s = 0.0
     trackers.start(rundir, cfg, f"{cfg.run.phase}-seed{cfg.train.seed}",
                    {"world_size": world, "per_rank_batch_size": per_rank, "grad_accum_steps": accum})
 
@@ -219,7 +302,6 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         manifest, tokenizer, cfg.data.image_size, cfg.data.max_caption_tokens, per_rank, cfg.train.seed,
         rank, world, cfg.data.workers, cfg.data.shuffle_buffer,
     )
-    batches = _micro_batches(stream, cfg.data.workers, state.micro_batches, pin_memory=cuda)
     settings = StepSettings(
         mode=cfg.train.mode,
         clean_weight=cfg.train.clean_weight,
@@ -227,89 +309,92 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
         random_start=cfg.attack.random_start,
         scheme=driver.mixed_scheme,  # the engine's cheaper scheme (advcap.distributed)
     )
-    nonfinite = NonFinitePolicy(cfg.train.max_nonfinite_steps)
-    stop = StopRequest()
-    stop.install()
-    device = accelerator.device
-    generator = torch.Generator(device=device)
-    window = _Window(device)
-    started = time.perf_counter()
-    model.train()
-    log.info(
-        "training %s: %d steps, global batch %d = %d ranks × %d × %d accumulation, mode %s, freeze %s",
-        rundir, cfg.train.steps, cfg.train.global_batch_size, world, per_rank, accum, cfg.train.mode, cfg.freeze.modules,
+    run = _Run(
+        cfg=cfg, accelerator=accelerator, rundir=rundir, trackers=trackers, tokenizer=tokenizer, model=model,
+        attack_model=attack_model, scheduler=scheduler, driver=driver, checkpointer=checkpointer,
+        validator=validator, best=best, batches=_micro_batches(stream, cfg.data.workers, state.micro_batches,
+                                                                pin_memory=cuda),
+        settings=settings, nonfinite=NonFinitePolicy(cfg.train.max_nonfinite_steps), record=record, accum=accum,
+        generator=torch.Generator(device=accelerator.device),
     )
-    if state.step < cfg.train.steps and _stop_agreed(accelerator, stop):
-        log.warning("stop requested before the first step of this start: nothing new to checkpoint")
-        return STOPPED_NO_PROGRESS
-    while state.step < cfg.train.steps and state.stopped_early is None:  # (a resumed early stop only finishes)
-        heartbeat.beat(f"at step {state.step + 1}")
-        faults.point("train.step", step=state.step + 1)
-        micro = [next(batches) for _ in range(accum)]
-        state.micro_batches += accum
-        poisoned = None
-        if faults.active("train.loss", "nan", step=state.step + 1):  # a NaN loss on this rank only, this step
-            poisoned = attack_model.register_forward_hook(lambda module, inputs, loss: loss * float("nan"))
-        local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
-        global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=device), "sum").item()
-        loss_scale = world / global_tokens
-        # Random-start FGSM draws from a generator re-seeded per (seed, rank, step): exact on resume.
-        generator.manual_seed(hash((cfg.train.seed, rank, state.step)) & 0x7FFF_FFFF)
-        results = []
-        for i, batch in enumerate(micro):
-            backward, no_sync = driver.micro_batch(last=i == accum - 1)
-            results.append(
-                train_micro_step(
-                    # Pinned batches (CUDA) copy asynchronously; the step's kernels queue after the copy.
-                    model, attack_model, batch["pixels"].to(device, non_blocking=True),
-                    batch["labels"].to(device, non_blocking=True), settings,
-                    loss_scale, backward, no_sync, sync=i == accum - 1, generator=generator,
-                )
-            )
-        if poisoned is not None:
-            poisoned.remove()
-        grad_norm = driver.grad_norm()
-        skip, stop_now = _agree_on_step(accelerator, results, grad_norm, stop)
-        applied, grad_norm = driver.step(skip=skip, grad_norm=grad_norm)
-        nonfinite.record(state, skipped=skip)
-        if applied:
-            scheduler.step()
-        state.step += 1
-        window.add(results, micro, local_tokens, grad_norm)
+    return run, state
 
-        if state.step % cfg.train.log_every_steps == 0 or state.step == cfg.train.steps:
-            _log_window(accelerator, trackers, window, state, scheduler, cfg)
-            window = _Window(device)
-        if cfg.train.image_log_every_steps and state.step % cfg.train.image_log_every_steps == 0:
-            _log_examples(accelerator, trackers, attack_model, tokenizer, micro[-1], results[-1], state.step, cfg)
-        if validator is not None and validator.due(state.step):
-            validated = time.perf_counter()
-            action = _validate(validator, best, trackers, state, cfg, attack_model)
-            validation_s += time.perf_counter() - validated
-            if action is not None:
-                checkpointer.save(state)
-                break
-        if nonfinite.exhausted(state):
-            path = checkpointer.save(state)
-            raise AdvcapError(
-                f"{state.nonfinite_in_a_row} non-finite (NaN/inf) steps in a row up to step {state.step}: "
-                f"stopping (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); last state saved in {path}. "
-                "Lower train.lr or check the data."
-            )
-        if stop_now or state.step == stop_at_step:
-            checkpointer.save(state)
-            log.warning("stopped at step %d on request; continue with --resume latest", state.step)
-            return STOPPED
-        if checkpointer.due(state.step):
-            checkpointer.save(state)
 
-    if state.stopped_early is None and state.step > record["resumed_at_step"] and not checkpointer.due(state.step):
-        checkpointer.save(state)  # the final state (not again when resumed from it)
-    if state.stopped_early is not None and state.stopped_early["action"] == "rollback":
-        agree("rolling back to checkpoints/best", lambda: best.load_into(attack_model))
-        log.warning("finishing with the weights of checkpoints/best (step %d)", state.best_step)
-    wall = time.perf_counter() - started
-    record["weights_sha256"] = _check_ranks_agree(accelerator, attack_model)
+def _step(run: _Run, state: TrainerState, stop: StopRequest) -> _Stepped:
+    """One optimizer step: the micro-batches' forwards and backwards, the ranks' agreement on skipping or
+    stopping, the update (skipped on a non-finite loss or gradient norm anywhere), the schedule."""
+    cfg, accelerator, device = run.cfg, run.accelerator, run.accelerator.device
+    micro = [next(run.batches) for _ in range(run.accum)]
+    state.micro_batches += run.accum
+    poisoned = None
+    if faults.active("train.loss", "nan", step=state.step + 1):  # a NaN loss on this rank only, this step
+        poisoned = run.attack_model.register_forward_hook(lambda module, inputs, loss: loss * float("nan"))
+    local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+    global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=device), "sum").item()
+    loss_scale = accelerator.num_processes / global_tokens
+    # Random-start FGSM draws from a generator re-seeded per (seed, rank, step): exact on resume.
+    run.generator.manual_seed(hash((cfg.train.seed, accelerator.process_index, state.step)) & 0x7FFF_FFFF)
+    results = []
+    for i, batch in enumerate(micro):
+        backward, no_sync = run.driver.micro_batch(last=i == run.accum - 1)
+        results.append(
+            train_micro_step(
+                # Pinned batches (CUDA) copy asynchronously; the step's kernels queue after the copy.
+                run.model, run.attack_model, batch["pixels"].to(device, non_blocking=True),
+                batch["labels"].to(device, non_blocking=True), run.settings,
+                loss_scale, backward, no_sync, sync=i == run.accum - 1, generator=run.generator,
+            )
+        )
+    if poisoned is not None:
+        poisoned.remove()
+    grad_norm = run.driver.grad_norm()
+    skip, stop_now = _agree_on_step(accelerator, results, grad_norm, stop)
+    applied, grad_norm = run.driver.step(skip=skip, grad_norm=grad_norm)
+    run.nonfinite.record(state, skipped=skip)
+    if applied:
+        run.scheduler.step()
+    state.step += 1
+    return _Stepped(micro, results, local_tokens, grad_norm, stop_now)
+
+
+def _log_if_due(run: _Run, state: TrainerState, window: "_Window", stepped: _Stepped) -> "_Window":
+    """Add the step to the log window; log the window (and start a new one) and example images when due."""
+    cfg = run.cfg
+    window.add(stepped.results, stepped.micro, stepped.local_tokens, stepped.grad_norm)
+    if state.step % cfg.train.log_every_steps == 0 or state.step == cfg.train.steps:
+        _log_window(run.accelerator, run.trackers, window, state, run.scheduler, cfg)
+        window = _Window(run.accelerator.device)
+    if cfg.train.image_log_every_steps and state.step % cfg.train.image_log_every_steps == 0:
+        _log_examples(run.accelerator, run.trackers, run.attack_model, run.tokenizer, stepped.micro[-1],
+                      stepped.results[-1], state.step, cfg)
+    return window
+
+
+def _validate_if_due(run: _Run, state: TrainerState) -> bool:
+    """Validate when due; True when the overfitting guard ends training here."""
+    if run.validator is None or not run.validator.due(state.step):
+        return False
+    validated = time.perf_counter()
+    action = _validate(run.validator, run.best, run.trackers, state, run.cfg, run.attack_model)
+    run.validation_s += time.perf_counter() - validated
+    return action is not None
+
+
+def _raise_if_nonfinite_exhausted(run: _Run, state: TrainerState) -> None:
+    if run.nonfinite.exhausted(state):
+        path = run.checkpointer.save(state)
+        raise AdvcapError(
+            f"{state.nonfinite_in_a_row} non-finite (NaN/inf) steps in a row up to step {state.step}: "
+            f"stopping (train.max_nonfinite_steps={run.cfg.train.max_nonfinite_steps}); last state saved in "
+            f"{path}. Lower train.lr or check the data."
+        )
+
+
+def _finish(run: _Run, state: TrainerState, wall: float) -> None:
+    """Check that the ranks agree on the weights; export the captioner with its model card, write
+    provenance.json and, last, the finished training state (an agreed section of the main process)."""
+    cfg, record = run.cfg, run.record
+    record["weights_sha256"] = _check_ranks_agree(run.accelerator, run.attack_model)
 
     def finish() -> None:
         steps_here = state.step - record["resumed_at_step"]
@@ -318,29 +403,28 @@ def _train(cfg: Config, accelerator, rundir: RunDir, resume: str | None, stop_at
             train_samples_per_s=round(steps_here * cfg.train.global_batch_size / max(wall, 1e-9), 2),
             nonfinite_steps=state.nonfinite_steps,
             steps_trained=state.step,
-            validation=None if validator is None else {
-                "every_steps": cfg.train.val_every_steps, "images": validator.images, "seconds": round(validation_s, 2),
-                "share_of_wall_time": round(validation_s / max(wall, 1e-9), 4),
-                "best": None if best is None else {"metric": cfg.train.keep_best, "step": state.best_step,
-                                                   "value": state.best_value},
+            validation=None if run.validator is None else {
+                "every_steps": cfg.train.val_every_steps, "images": run.validator.images,
+                "seconds": round(run.validation_s, 2),
+                "share_of_wall_time": round(run.validation_s / max(wall, 1e-9), 4),
+                "best": None if run.best is None else {"metric": cfg.train.keep_best, "step": state.best_step,
+                                                       "value": state.best_value},
             },
             overfit_alarms=state.overfit_alarms,
             stopped_early=state.stopped_early,
         )
 
         def export(folder: Path) -> None:
-            export_hf(attack_model, tokenizer, folder)
+            export_hf(run.attack_model, run.tokenizer, folder)
             (folder / CARD).write_text(model_card(cfg, record), encoding="utf-8")
 
-        rundir.replace_dir(rundir.export_dir.name, export)
-        log.info("exported the captioner to %s", rundir.export_dir)
-        rundir.write_json(PROVENANCE, record)
+        run.rundir.replace_dir(run.rundir.export_dir.name, export)
+        log.info("exported the captioner to %s", run.rundir.export_dir)
+        run.rundir.write_json(PROVENANCE, record)
         state.finished = True
-        rundir.write_json(TRAINING_STATE, asdict(state))  # last: the run counts as finished from here on
+        run.rundir.write_json(TRAINING_STATE, asdict(state))  # last: the run counts as finished from here on
 
     agree("exporting the model and finishing the run", finish, main_only=True)
-    log.info("finished %s in %.1f s", rundir, wall)
-    return FINISHED
 
 
 def _validate(validator: Validator, best: BestCheckpoint | None, trackers: Trackers, state: TrainerState,
