@@ -16,11 +16,13 @@ The report then checks each phase (means over its seeds) and marks, in plain wor
 4. a large ε not driving BLEU toward the blind score;
 5. a transfer attack stronger than the white-box one (transfer-fgsm below fgsm).
 
-Each check allows `TOLERANCE` BLEU-4 points of noise. Check 2 and 3 compare two conditions on the same few
-dozen images, where BLEU-4 moves by more than that from image sample to image sample: there the allowance is
-`NOISE_SDS` standard deviations of the difference (the phase's mean over seeds), by a paired bootstrap over the
-audited images, when that is larger, so that a difference within the noise of the sample is not called an attack's
-weakness. Records without the audit's captions (older evaluations) keep the fixed `TOLERANCE`.
+Checks 1, 2, 3 and 5 compare two conditions on the same images, where BLEU-4 moves from image sample to
+image sample by more than a fixed margin on a few dozen or hundred images. Each allows `NOISE_SDS` standard
+deviations of the difference (of the phase's mean over seeds), by a paired bootstrap over those images, or
+`TOLERANCE` BLEU-4 points when that is larger, so that a difference within the noise of the sample is not called
+an attack's weakness. The bootstrap needs the captions: the audit's own are in its record, the evaluation's in
+predictions.jsonl; without them (older evaluations, a missing or altered file) the allowance is `TOLERANCE`.
+Check 4 compares with a threshold.
 """
 
 from __future__ import annotations
@@ -101,10 +103,18 @@ def _mean(values: Sequence[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def checks(records: Sequence[Mapping[str, Any]], epsilon: float) -> list[dict]:
+def checks(records: Sequence[Mapping[str, Any]], epsilon: float,
+           predictions: Optional[Sequence[Optional[Sequence[Mapping[str, Any]]]]] = None) -> list[dict]:
     """The audit's checks for one phase from its runs' evaluation records: [{check, ok, detail}] (ok None: not
-    measured). Means over the runs; BLEU-4 of the paper's BLEU."""
+    measured). Means over the runs; BLEU-4 of the paper's BLEU. `predictions`: per record, the captions it
+    answers for (predictions.jsonl), which give checks 1 and 5 their noise allowance; without them, TOLERANCE."""
     out = []
+
+    def split_noise(split: str) -> "PairedNoise":
+        found = list(predictions) if predictions is not None and len(predictions) == len(records) else []
+        if not found or any(p is None for p in found):
+            return PairedNoise([{}] * len(records))
+        return PairedNoise([_split_captions(lines, split) for lines in found])
 
     def mean_of(path: Sequence[str]) -> Optional[float]:
         values = []
@@ -121,10 +131,9 @@ def checks(records: Sequence[Mapping[str, Any]], epsilon: float) -> list[dict]:
               if (p := mean_of(["metrics", s, "pgd", "bleu4"])) is not None
               and (f := mean_of(["metrics", s, "fgsm", "bleu4"])) is not None]
     if weaker:
-        bad = [f"{s}: PGD {p:.3f} vs FGSM {f:.3f}" for s, p, f in weaker if p > f + TOLERANCE]
-        out.append({"check": "PGD at least as strong as FGSM", "ok": not bad,
-                    "detail": "; ".join(bad) if bad else ", ".join(f"{s}: PGD {p:.3f} ≤ FGSM {f:.3f}"
-                                                                    for s, p, f in weaker)})
+        compared = [(s, _at_most(p, f, split_noise(s).allowance("pgd", "fgsm"))) for s, p, f in weaker]
+        out.append({"check": "PGD at least as strong as FGSM", "ok": all(ok for _, (ok, _) in compared),
+                    "detail": ", ".join(f"{s}: PGD vs FGSM {text}" for s, (_, text) in compared)})
     audit = [r.get("audit") for r in records]
     if all(isinstance(a, Mapping) for a in audit) and audit:
         bleu = lambda name: mean_of(["audit", "bleu4", name])  # noqa: E731
@@ -154,9 +163,10 @@ def checks(records: Sequence[Mapping[str, Any]], epsilon: float) -> list[dict]:
                 if (t := mean_of(["metrics", s, "transfer-fgsm", "bleu4"])) is not None
                 and (f := mean_of(["metrics", s, "fgsm", "bleu4"])) is not None]
     if transfer:
-        bad = [f"{s}: transfer {t:.3f} < white-box {f:.3f}" for s, t, f in transfer if t < f - TOLERANCE]
-        out.append({"check": "transfer no stronger than white-box FGSM", "ok": not bad,
-                    "detail": "; ".join(bad) or ", ".join(f"{s}: transfer {t:.3f} ≥ white-box {f:.3f}" for s, t, f in transfer)})
+        # Transfer stronger means lower BLEU under it: the white-box score must not exceed the transfer one.
+        compared = [(s, _at_most(f, t, split_noise(s).allowance("fgsm", "transfer-fgsm"))) for s, t, f in transfer]
+        out.append({"check": "transfer no stronger than white-box FGSM", "ok": all(ok for _, (ok, _) in compared),
+                    "detail": ", ".join(f"{s}: white-box vs transfer {text}" for s, (_, text) in compared)})
     return out
 
 
@@ -167,6 +177,15 @@ def _at_most(value: float, bound: float, allowed: float) -> tuple[bool, str]:
         return True, f"{value:.3f} ≤ {bound:.3f}"
     ok = value <= bound + allowed
     return ok, f"{value:.3f} > {bound:.3f} ({'within' if ok else 'beyond'} the noise, ±{allowed:.3f})"
+
+
+def _split_captions(lines: Sequence[Mapping[str, Any]], split: str) -> dict:
+    """One split's references and captions per condition from predictions.jsonl lines, in the form of an audit
+    record (what PairedNoise reads)."""
+    rows = [line for line in lines if line.get("split") == split and isinstance(line.get("captions"), Mapping)]
+    names = set().union(*(row["captions"] for row in rows)) if rows else set()
+    return {"references": [row.get("references") for row in rows],
+            "captions": {name: [row["captions"].get(name) for row in rows] for name in names}}
 
 
 class PairedNoise:

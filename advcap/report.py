@@ -73,6 +73,12 @@ class Run:
         """{split: {condition: {"bleu1".."bleu4", "images"}}}, or None if not evaluated."""
         return None if self.record is None else self.record["metrics"]
 
+    def predictions(self) -> Optional[list[dict]]:
+        """The per-image captions the evaluation record answers for, or None (advcap.rundir.RunDir.predictions)."""
+        from advcap.rundir import RunDir
+
+        return None if self.record is None else RunDir(self.path).predictions(self.record)
+
 
 @dataclass(frozen=True)
 class Stat:
@@ -298,7 +304,8 @@ def build_report(root: str | Path, asked_phases: Optional[Sequence[str]] = None,
                         )
     for phase in phases:
         if evaluated[phase]:
-            report.audit[phase] = audit_checks([r.record for r in evaluated[phase]], report.epsilons[phase])
+            report.audit[phase] = audit_checks([r.record for r in evaluated[phase]], report.epsilons[phase],
+                                               [r.predictions() for r in evaluated[phase]])
     notes = {(r.record.get("metric_notes") or {}).get("spice") for phase in phases for r in evaluated[phase]}
     report.spice_note = "; ".join(sorted(n for n in notes if n and n != "scored"))
     report.main_table = _main_table(report)
@@ -614,7 +621,7 @@ def _audit_text(report: Report) -> str:
     from advcap.audit import NOISE_SDS, TOLERANCE
 
     lines = [f"Checks a robustness reviewer would make (BLEU-4, means over seeds, a tolerance of {TOLERANCE} for noise, "
-             f"or, where two audit conditions are compared on the same images, {NOISE_SDS:g} standard deviations of "
+             f"or, where two conditions are compared on the same images, {NOISE_SDS:g} standard deviations of "
              "their difference by a paired bootstrap over those images when that is larger); ✗ marks what would "
              "make one suspect too weak an attack or gradient masking.", ""]
     for phase, found in report.audit.items():

@@ -38,7 +38,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from advcap import atomic
 from advcap.errors import AdvcapError
@@ -223,6 +223,21 @@ class RunDir:
                 "an older advcap or by hand; evaluate the run again (advcap eval)"
             )
         return record
+
+    def predictions(self, record: Mapping[str, Any]) -> Optional[list[dict]]:
+        """The captions of the evaluation `record` answers for (predictions.jsonl, one dict per image), or None
+        when the file is missing, unreadable or not the one the record names (its sha256)."""
+        try:
+            text = self.predictions_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        if hashlib.sha256(text.encode("utf-8")).hexdigest() != record.get("predictions_sha256"):
+            return None
+        try:
+            lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError:
+            return None
+        return lines if all(isinstance(line, dict) for line in lines) else None
 
     def evaluation_problem(self, cfg: Any) -> Optional[str]:
         """None if metrics.json answers to `cfg`'s eval settings and to the current model(s); else why not."""

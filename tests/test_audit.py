@@ -181,3 +181,27 @@ def test_a_difference_beyond_the_noise_is_flagged_and_more_runs_narrow_the_allow
     one, three = (PairedNoise([record["audit"]] * runs).allowance("pgd-2x-steps", "pgd") for runs in (1, 3))
     assert three == pytest.approx(one / 3 ** 0.5, rel=0.1)  # each run its own resamples
     assert PairedNoise([record["audit"]]).allowance("pgd-2x-steps", "pgd") == one  # seeded: the same every time
+
+
+def test_pgd_against_fgsm_and_transfer_use_the_evaluations_captions_for_their_allowance():
+    """Checks 1 and 5 compare the evaluation's own conditions: their noise comes from predictions.jsonl's
+    captions. PGD 0.03 above FGSM on attacks that fool different images passes with them and is flagged
+    without them (the fixed tolerance); a transfer attack far stronger than white-box FGSM is flagged."""
+    from advcap.metrics import corpus_bleu_scores
+
+    scenes, references = scenes_and_references()
+    pick = random.Random(7)
+    wrong = {"fgsm": set(pick.sample(range(50), 25)), "pgd": set(pick.sample(range(50), 22)),
+             "transfer-fgsm": set(range(45))}
+    captions = {name: captions_wrong_on(scenes, images) for name, images in wrong.items()}
+    bleu = {name: corpus_bleu_scores(c, references)["bleu4"] for name, c in captions.items()}
+    assert bleu["pgd"] > bleu["fgsm"] + 0.02 and bleu["transfer-fgsm"] < bleu["fgsm"] - 0.1
+    record = {"metrics": {"test": {name: {"bleu4": value} for name, value in bleu.items()}}}
+    lines = [{"split": "test", "references": references[i], "captions": {n: c[i] for n, c in captions.items()}}
+             for i in range(50)]
+    found = {c["check"]: c for c in checks([record], EPSILON, [lines])}
+    pgd, transfer = found["PGD at least as strong as FGSM"], found["transfer no stronger than white-box FGSM"]
+    assert pgd["ok"] is True and "(within the noise, ±" in pgd["detail"], pgd
+    assert transfer["ok"] is False and "(beyond the noise, ±" in transfer["detail"], transfer
+    for without in (None, [None]):  # no predictions, or a run whose predictions.jsonl could not be used
+        assert {c["check"]: c["ok"] for c in checks([record], EPSILON, without)}["PGD at least as strong as FGSM"] is False

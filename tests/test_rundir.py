@@ -159,3 +159,20 @@ def test_agree_alone_turns_os_errors_into_one_line_and_keeps_user_errors(tmp_pat
         agree("checking", lambda: (_ for _ in ()).throw(AdvcapError("bad input")))
     assert type(info.value) is AdvcapError
     assert agree("reading", lambda: 42, main_only=True) == 42
+
+
+def test_predictions_are_read_only_when_they_are_the_ones_the_record_names(tmp_path):
+    """The report's audit resamples the evaluation's captions: it gets them only from the predictions.jsonl that
+    metrics.json names by sha256 — not from a file changed after the evaluation, nor from a missing one."""
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    lines = [{"image_id": f"i{k}", "split": "test", "references": ["a red circle"], "captions": {"clean": "a red circle"}}
+             for k in range(3)]
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    rundir.write_evaluation(text, {"metrics": {}, "settings": {}, "images": {}})
+    record = rundir.evaluation()
+    assert rundir.predictions(record) == lines
+    rundir.predictions_file.write_text(text.replace("red", "blue"))
+    assert rundir.predictions(record) is None
+    rundir.predictions_file.unlink()
+    assert rundir.predictions(record) is None
