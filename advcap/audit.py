@@ -111,11 +111,15 @@ def checks(records: Sequence[Mapping[str, Any]], epsilon: float,
     answers for (predictions.jsonl), which give checks 1 and 5 their noise allowance; without them, TOLERANCE."""
     out = []
 
+    noise_of_split: dict[str, PairedNoise] = {}  # checks 1 and 5 both resample a split's FGSM captions: once
+
     def split_noise(split: str) -> "PairedNoise":
-        found = list(predictions) if predictions is not None and len(predictions) == len(records) else []
-        if not found or any(p is None for p in found):
-            return PairedNoise([{}] * len(records))
-        return PairedNoise([_split_captions(lines, split) for lines in found])
+        if split not in noise_of_split:
+            found = list(predictions) if predictions is not None and len(predictions) == len(records) else []
+            usable = found and all(p is not None for p in found)
+            noise_of_split[split] = PairedNoise([_split_captions(lines, split) for lines in found] if usable
+                                                else [{}] * len(records))
+        return noise_of_split[split]
 
     def mean_of(path: Sequence[str]) -> Optional[float]:
         values = []
@@ -231,7 +235,9 @@ class PairedNoise:
 
             audit = self.audits[run]
             captions, references = (audit.get("captions") or {}).get(name), audit.get("references")
+            # Whatever a hand-edited record holds, a malformed one means no allowance, never a crash.
             usable = (isinstance(captions, list) and isinstance(references, list)
-                      and len(captions) == len(references) and all(isinstance(c, str) for c in captions))
+                      and len(captions) == len(references) and all(isinstance(c, str) for c in captions)
+                      and all(isinstance(r, list) and r and all(isinstance(t, str) for t in r) for r in references))
             self._statistics[run, name] = bleu4_statistics(captions, references) if usable else None
         return self._statistics[run, name]

@@ -205,3 +205,18 @@ def test_pgd_against_fgsm_and_transfer_use_the_evaluations_captions_for_their_al
     assert transfer["ok"] is False and "(beyond the noise, ±" in transfer["detail"], transfer
     for without in (None, [None]):  # no predictions, or a run whose predictions.jsonl could not be used
         assert {c["check"]: c["ok"] for c in checks([record], EPSILON, without)}["PGD at least as strong as FGSM"] is False
+
+
+def test_a_malformed_audit_record_falls_back_to_the_fixed_tolerance():
+    """A hand-edited metrics.json whose audit captions or references are not what an evaluation writes: the
+    checks still run, on the fixed tolerance, without an exception."""
+    from advcap.audit import TOLERANCE, PairedNoise
+
+    scenes, references = scenes_and_references(10)
+    record = pgd_record(scenes, references, {"pgd": {1, 2}, "pgd-2x-steps": {3}, "pgd-1-start": {4, 5}})
+    for broken in ([[]] * 10, ["a red circle"] * 10, [[3]] * 10, references[:5]):
+        audit = {**record["audit"], "references": broken}
+        assert PairedNoise([audit]).allowance("pgd-2x-steps", "pgd") == TOLERANCE
+        assert checks([{**record, "audit": audit}], EPSILON)
+    no_captions = {**record["audit"], "captions": {"pgd": [None] * 10}}
+    assert PairedNoise([no_captions]).allowance("pgd-2x-steps", "pgd") == TOLERANCE
