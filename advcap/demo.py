@@ -21,16 +21,19 @@ log = logging.getLogger(__name__)
 DEMO_SEEDS = (0, 1, 2)
 
 # The miniature's settings, shared by every phase (a paired design): small images and models, a few
-# hundred steps. ε = 0.1 in [0,1] pixel units: at the paper's 0.05 the tiny baseline loses too little
-# for the comparison to show (see the README for the measured sweep).
+# hundred steps. The ViT stand-in's pretraining is one-time work every run shares: trained longer, it gives
+# runs features they learn to read within 250 steps (after 400 the baseline looked less and FGSM cost it
+# less). lr 3e-3 suits the small captioner (at 1e-3 it was still learning when the run ended). ε = 0.1 in [0,1]
+# pixel units: at the paper's 0.05 the tiny baseline loses too little for the comparison to show (see the
+# README for the measured sweep).
 DEMO_SETTINGS = {
     "images": 1500,
     "image_size": 48,
-    "vit_pretrain_steps": 400,
+    "vit_pretrain_steps": 1000,
     "gpt2_pretrain_steps": 300,
     "train_steps": 250,
     "global_batch_size": 32,
-    "lr": 1e-3,
+    "lr": 3e-3,
     "epsilon": 0.1,
 }
 

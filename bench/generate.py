@@ -8,7 +8,7 @@ One process, one run: the captioner `advcap eval` uses (`Captioner.generate`, gr
 and `use_cache=False`, interleaved (the order alternates per repeat, so drifting machine load hits both
 alike), after one warm-up call each; captions/s is the batch size over the median wall time. Every call
 generates exactly `--max-new-tokens` tokens per caption (`min_new_tokens` keeps EOS away), so both
-variants do the same work. Presets: `demo` (advcap's demo captioner: ViT and GPT-2 of 4 layers, hidden 128)
+variants do the same work. Presets: `demo` (advcap's demo captioner: ViT and GPT-2 of 2 layers, hidden 64)
 and `h256` (4 layers, hidden 256, 8 heads). The last line is one JSON object with the figures.
 """
 
