@@ -228,14 +228,14 @@ class RunDir:
         """The captions of the evaluation `record` answers for (predictions.jsonl, one dict per image), or None
         when the file is missing, unreadable or not the one the record names (its sha256)."""
         try:
-            text = self.predictions_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            data = self.predictions_file.read_bytes()
+        except OSError:
             return None
-        if hashlib.sha256(text.encode("utf-8")).hexdigest() != record.get("predictions_sha256"):
+        if hashlib.sha256(data).hexdigest() != record.get("predictions_sha256"):  # the bytes written, exactly
             return None
         try:
-            lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError:
+            lines = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+        except ValueError:  # UnicodeDecodeError is one
             return None
         return lines if all(isinstance(line, dict) for line in lines) else None
 

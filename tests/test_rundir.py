@@ -172,6 +172,8 @@ def test_predictions_are_read_only_when_they_are_the_ones_the_record_names(tmp_p
     rundir.write_evaluation(text, {"metrics": {}, "settings": {}, "images": {}})
     record = rundir.evaluation()
     assert rundir.predictions(record) == lines
+    rundir.predictions_file.write_bytes(text.replace("\n", "\r\n").encode())  # the same text once decoded
+    assert rundir.predictions(record) is None
     rundir.predictions_file.write_text(text.replace("red", "blue"))
     assert rundir.predictions(record) is None
     rundir.predictions_file.unlink()
