@@ -116,9 +116,11 @@ def _pretrain_gpt2(data: Path, out: Path, steps: int, seed: int) -> None:
 
 
 def _run_side_by_side(jobs: list) -> None:
-    """Run `(function, args)` jobs, each in its own spawned process on its share of the cores when there are
-    several jobs and cores (the two stand-ins are independent; each is too small to use two threads well),
-    else here, one after the other. A job's exception is raised here."""
+    """Run `(function, args)` jobs, each in its own spawned process with one torch thread when there are two
+    cores or more (the two stand-ins are independent; each is too small to use two threads well), else here,
+    one after the other. One thread also when a resumed demo has one job left: a stand-in's weights depend on
+    its thread count, and must not depend on whether the demo was interrupted. A job's exception is raised
+    here."""
     import logging as logging_
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -127,14 +129,14 @@ def _run_side_by_side(jobs: list) -> None:
     from advcap.ablation import init_worker
     from advcap.errors import AdvcapError
 
-    cores = os.cpu_count() or 1
-    if len(jobs) < 2 or cores < 2:
+    if not jobs:
+        return
+    if (os.cpu_count() or 1) < 2:
         for function, args in jobs:
             function(*args)
         return
-    threads = max(1, cores // len(jobs))
     level = logging_.getLogger().getEffectiveLevel()
-    with ProcessPoolExecutor(len(jobs), multiprocessing.get_context("spawn"), init_worker, (threads, level)) as pool:
+    with ProcessPoolExecutor(len(jobs), multiprocessing.get_context("spawn"), init_worker, (1, level)) as pool:
         for future in [pool.submit(function, *args) for function, args in jobs]:
             try:
                 future.result()
