@@ -81,6 +81,10 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 1000
     """Samples held in the shuffle buffer."""
+    cache_mb: int = 0
+    """MiB of training shards (raw and decoded) a rank keeps in memory once read, so that later epochs neither
+    read nor decode them again; the batches are the same. 0: off. Needs workers=0: a DataLoader's workers
+    start empty each epoch."""
     tokenizer: Optional[str] = None
     """Tokenizer directory or hub name; None: the decoder's own (GPT-2's)."""
 
@@ -546,6 +550,9 @@ def _data_problems(d: Any) -> Iterator[Problem]:
     yield from _at_least("data.max_caption_tokens", d.max_caption_tokens, 2)
     yield from _at_least("data.workers", d.workers, 0)
     yield from _at_least("data.shuffle_buffer", d.shuffle_buffer, 1)
+    yield from _at_least("data.cache_mb", d.cache_mb, 0)
+    if d.cache_mb > 0 and d.workers > 0:
+        yield "data.cache_mb", d.cache_mb, "0 unless data.workers=0 (DataLoader workers start empty each epoch)"
     yield from _non_empty("data.tokenizer", d.tokenizer, optional=True)
 
 

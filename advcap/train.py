@@ -300,7 +300,7 @@ def _start(cfg: Config, accelerator, rundir: RunDir, resume: str | None,
 
     stream = TrainStream(
         manifest, tokenizer, cfg.data.image_size, cfg.data.max_caption_tokens, per_rank, cfg.train.seed,
-        rank, world, cfg.data.workers, cfg.data.shuffle_buffer,
+        rank, world, cfg.data.workers, cfg.data.shuffle_buffer, cache_mb=cfg.data.cache_mb,
     )
     settings = StepSettings(
         mode=cfg.train.mode,

@@ -260,6 +260,8 @@ def test_wrong_type_in_file_names_file(tmp_path):
         ("eval.pgd_target=caption", "eval.pgd_target", "reference | clean_caption"),
         ("eval.num_beams=0", "eval.num_beams", ">= 1"),
         ("data.workers=-1", "data.workers", ">= 0"),
+        ("data.cache_mb=-1", "data.cache_mb", ">= 0"),
+        ("data.cache_mb=64", "data.cache_mb", "data.workers=0"),  # adv_train reads with 2 workers
         ("data.tokenizer=''", "data.tokenizer", "non-empty"),
         ("run.phase=../elsewhere", "run.phase", "directory name"),
     ],

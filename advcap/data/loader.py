@@ -94,8 +94,12 @@ class _ShardReader:
         pixels, metas = [], []
         for sample in samples:
             try:
-                meta = sample_meta(sample)
-                image = to_square_pixels(sample["jpg"], image_size)
+                # A sample kept by a ShardCache comes back decoded (at this stream's one image size); any
+                # other sample dict is dropped after its batch, and its decoding with it.
+                if _DECODED not in sample:
+                    meta = sample_meta(sample)
+                    sample[_DECODED] = to_square_pixels(sample["jpg"], image_size), meta
+                image, meta = sample[_DECODED]
             except (BadSample, BadImage) as err:
                 self.bad_samples += 1
                 log.warning(
@@ -148,6 +152,37 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error.args[0]}"
 
 
+_DECODED = "__advcap_decoded__"  # a sample dict's decoded (pixels, SampleMeta), added by _ShardReader.decode
+
+
+class ShardCache:
+    """Training shards read whole and without error, kept in memory (their raw samples, and each sample's
+    decoding once done) so that later reads of a shard, in this epoch or the next, neither read nor decode it
+    again. Up to `budget_bytes` (raw bytes + decoded pixels); a shard that does not fit is read from its source
+    each time. The data and its order are the same with or without it."""
+
+    def __init__(self, budget_bytes: int, image_size: int):
+        self.budget, self.used = budget_bytes, 0
+        self.pixels_per_sample = image_size * image_size * 3
+        self.shards: dict[str, list[dict]] = {}
+        self.full = False
+
+    def get(self, url: str) -> list[dict] | None:
+        return self.shards.get(url)
+
+    def offer(self, url: str, samples: list[dict]) -> None:
+        size = sum(len(v) for s in samples for v in s.values() if isinstance(v, bytes))
+        size += len(samples) * self.pixels_per_sample
+        if self.used + size > self.budget:
+            if not self.full:
+                self.full = True
+                log.info("data cache full (%d of %d MiB used): shards that do not fit are read each time",
+                         self.used >> 20, self.budget >> 20)
+            return
+        self.shards[url] = samples
+        self.used += size
+
+
 class TrainStream(IterableDataset):
     """Endless resampled training batches; one 'epoch' is `batches_per_worker` batches per worker."""
 
@@ -164,6 +199,7 @@ class TrainStream(IterableDataset):
         num_workers: int,
         shuffle_buffer: int = 1000,
         split: str = "train",
+        cache_mb: int = 0,
     ):
         super().__init__()
         self.shards = manifest.split(split)
@@ -178,6 +214,8 @@ class TrainStream(IterableDataset):
         batches_per_rank = math.ceil(samples / (batch_size * world_size))
         self.batches_per_worker = math.ceil(batches_per_rank / self.num_workers)
         self.epoch, self.skip = 0, 0
+        # Kept by the process that iterates: across epochs only with num_workers=0 (data.cache_mb).
+        self.cache = ShardCache(cache_mb << 20, image_size) if cache_mb > 0 else None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -222,12 +260,28 @@ class TrainStream(IterableDataset):
         while True:
             shard = rng.choice(self.shards)
             got = 0
-            for sample in reader.samples(shard, self.retries):
+            for sample in self._shard_samples(shard, reader):
                 got += 1
                 yield sample
             empty_in_a_row = 0 if got else empty_in_a_row + 1
             if empty_in_a_row >= MAX_EMPTY_SHARDS_IN_A_ROW:
                 raise RuntimeError(f"{empty_in_a_row} shard reads in a row gave no sample: are the shards readable?")
+
+    def _shard_samples(self, shard: ShardInfo, reader: _ShardReader) -> Iterator[dict]:
+        """One shard's raw samples: from the cache if it holds the shard, else read (and offered to it)."""
+        cached = self.cache.get(shard.url) if self.cache is not None else None
+        if cached is not None:
+            yield from cached
+            return
+        if self.cache is None:
+            yield from reader.samples(shard, self.retries)
+            return
+        samples, bad_reads = [], reader.bad_shards
+        for sample in reader.samples(shard, self.retries):
+            samples.append(sample)
+            yield sample
+        if reader.bad_shards == bad_reads:  # read whole, without error
+            self.cache.offer(shard.url, samples)
 
 
 def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:

@@ -130,6 +130,67 @@ def test_evaluation_limit_takes_the_first_images_in_global_order(shards, tokeniz
     assert sorted(limited) == sorted(full[:7])
 
 
+def _epochs(stream, n, skip=0):
+    """n epochs of a stream as one list (pixels, ids and image ids of each batch), from batch `skip` of epoch 0."""
+    out = []
+    for epoch in range(n):
+        stream.set_position(epoch, skip if epoch == 0 else 0)
+        out += [(b["pixels"], b["input_ids"], b["image_ids"]) for b in stream]
+    return out
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2]
+                                    for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("skip", [0, 4])
+def test_the_shard_cache_changes_no_batch(shards, tokenizer, skip):
+    def stream(cache_mb):
+        return TrainStream(shards, tokenizer, IMAGE_SIZE, 8, 3, 0, 0, 1, 0, shuffle_buffer=6, cache_mb=cache_mb)
+
+    cached = stream(1)
+    assert _same(_epochs(cached, 3, skip), _epochs(stream(0), 3, skip))
+    assert cached.cache.shards  # it did keep shards
+
+
+def test_a_cached_shard_is_neither_read_nor_decoded_again(shards, tokenizer, caplog):
+    reference = TrainStream(shards, tokenizer, IMAGE_SIZE, 8, 3, 0, 0, 1, 0, shuffle_buffer=6)
+    cached = TrainStream(shards, tokenizer, IMAGE_SIZE, 8, 3, 0, 0, 1, 0, shuffle_buffer=6, cache_mb=1)
+    _epochs(cached, 1)
+    kept = dict(cached.cache.shards)
+    assert kept and all(s["__advcap_decoded__"] for samples in kept.values() for s in samples)
+    # Remove the kept shards from disk: the next epoch is the same wherever it draws them.
+    expected = _epochs(reference, 2)[len(_epochs(reference, 1)):]
+    for url in kept:
+        Path(url).unlink()
+    kept_ids = {s["__advcap_decoded__"][1].image_id for samples in kept.values() for s in samples}
+    cached.set_position(1)
+    with caplog.at_level(logging.WARNING):
+        got = [(b["pixels"], b["input_ids"], b["image_ids"]) for b in cached]
+    drew_kept = kept_ids.intersection(i for batch in got for i in batch[2])
+    assert drew_kept and _same(got, expected)
+    assert "corrupt shard" not in caplog.text
+
+
+def test_a_shard_read_with_an_error_is_not_cached_and_the_budget_holds(shards, tokenizer, caplog):
+    from advcap.data.loader import ShardCache
+
+    victim = Path(shards.split("train")[1].url)
+    victim.write_bytes(victim.read_bytes()[:1500])  # truncated mid-member
+    stream = TrainStream(shards, tokenizer, IMAGE_SIZE, 8, 3, 0, 0, 1, 0, shuffle_buffer=6, cache_mb=1)
+    _epochs(stream, 4)
+    assert stream.cache.shards and str(victim) not in stream.cache.shards
+
+    one = stream.cache.shards[next(iter(stream.cache.shards))]
+    cache = ShardCache(budget_bytes=1, image_size=IMAGE_SIZE)
+    with caplog.at_level(logging.INFO):
+        cache.offer("a.tar", one)
+        cache.offer("b.tar", one)
+    assert not cache.shards and cache.used == 0
+    assert caplog.text.count("data cache full") == 1
+
+
 def test_corrupt_shard_is_skipped_with_a_warning_and_training_goes_on(shards, tokenizer, caplog):
     victim = Path(shards.split("train")[1].url)
     victim.write_bytes(victim.read_bytes()[:1500])  # truncated mid-member
