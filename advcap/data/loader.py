@@ -269,12 +269,12 @@ class TrainStream(IterableDataset):
 
     def _shard_samples(self, shard: ShardInfo, reader: _ShardReader) -> Iterator[dict]:
         """One shard's raw samples: from the cache if it holds the shard, else read (and offered to it)."""
-        cached = self.cache.get(shard.url) if self.cache is not None else None
-        if cached is not None:
-            yield from cached
-            return
         if self.cache is None:
             yield from reader.samples(shard, self.retries)
+            return
+        cached = self.cache.get(shard.url)
+        if cached is not None:
+            yield from cached
             return
         samples, bad_reads = [], reader.bad_shards
         for sample in reader.samples(shard, self.retries):

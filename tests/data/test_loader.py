@@ -176,11 +176,14 @@ def test_a_cached_shard_is_neither_read_nor_decoded_again(shards, tokenizer, cap
 def test_a_shard_read_with_an_error_is_not_cached_and_the_budget_holds(shards, tokenizer, caplog):
     from advcap.data.loader import ShardCache
 
-    victim = Path(shards.split("train")[1].url)
-    victim.write_bytes(victim.read_bytes()[:1500])  # truncated mid-member
+    victim = shards.split("train")[1].url
+    Path(victim).write_bytes(Path(victim).read_bytes()[:1500])  # truncated mid-member
     stream = TrainStream(shards, tokenizer, IMAGE_SIZE, 8, 3, 0, 0, 1, 0, shuffle_buffer=6, cache_mb=1)
-    _epochs(stream, 4)
-    assert stream.cache.shards and str(victim) not in stream.cache.shards
+    with caplog.at_level(logging.WARNING):
+        _epochs(stream, 4)
+    assert caplog.text.count(f"corrupt shard {victim}") >= 2  # drawn, and read again: never kept
+    assert stream.cache.shards and victim not in stream.cache.shards
+    caplog.clear()
 
     one = stream.cache.shards[next(iter(stream.cache.shards))]
     cache = ShardCache(budget_bytes=1, image_size=IMAGE_SIZE)
