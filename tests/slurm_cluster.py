@@ -5,9 +5,10 @@ SLURM itself defines: job arrays, dependencies, requeue with SLURM_RESTART_COUNT
 the time limit, SLURM_NODEID on a multi-node job. A fake would test our idea of SLURM instead.
 
 Everything lives under one root folder (config, munge key and socket, state, spool, logs) and
-every port is picked free at start, so two clusters (or one left over from a killed run) never
-clash. Daemons run in the foreground as our children, so `stop()` ends exactly the processes
-this object started, by pid. They also get SIGTERM if the test process dies (setpriv --pdeathsig).
+every port is picked free at start, so two clusters (or one left over from a killed run) do not
+clash; should another process take a port between the pick and the daemon's bind, start() tries
+again with fresh ports. Daemons run in the foreground as our children, so `stop()` ends exactly
+the processes this object started, by pid. They also get SIGTERM if the test process dies (setpriv --pdeathsig).
 
 Needs root (slurmd launches jobs and SlurmUser is root) and Debian's slurmctld, slurmd,
 slurm-client and munge packages (tests/install-slurm.sh).
@@ -37,6 +38,11 @@ FINAL_STATES = frozenset(
 # Debian puts the daemons in /usr/sbin, which a non-login shell's PATH may lack.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin"])
 COMMAND_TIMEOUT = 30.0  # any single SLURM client call; a hung slurmctld must not hang the tests
+START_ATTEMPTS = 3  # a start whose daemon found its port taken is retried with fresh ports
+PORT_TAKEN = "Address already in use"
+# Not the module-level generator: training code run in the test process seeds that one
+# (accelerate's set_seed), so two pytest workers would draw the same "random" ports.
+_port_picker = random.SystemRandom()
 LOG_TAIL_LINES = 40
 
 
@@ -55,7 +61,7 @@ def free_ports(count: int, low: int = 20000, high: int = 32000) -> list[int]:
     and the daemon's bind."""
     chosen: list[socket.socket] = []
     try:
-        for port in random.sample(range(low, high), 200):
+        for port in _port_picker.sample(range(low, high), 200):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 sock.bind(("0.0.0.0", port))  # the daemons listen on every address
@@ -141,9 +147,24 @@ class SlurmCluster:
     def start(self, timeout: float = 60.0) -> None:
         """Write the config, start munged, slurmctld and the slurmds, and wait for idle nodes.
 
-        On any failure, stops what it started and raises SlurmError with the daemon log tails."""
+        A daemon that exits because its port was taken since the pick (another process bound it)
+        costs one more try with fresh ports, up to START_ATTEMPTS; the earlier logs are kept
+        beside (log.attempt-N). Any other failure, or the last attempt's, stops what was started
+        and raises SlurmError with the daemon log tails."""
         if self._processes:
             raise SlurmError(f"cluster at {self.root} already started")
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start_once(timeout)
+                return
+            except SlurmError as error:
+                if attempt == START_ATTEMPTS or PORT_TAKEN not in str(error):
+                    raise
+                log.warning("SLURM cluster at %s: a port was taken before its daemon bound it; "
+                            "trying again with fresh ports (attempt %d of %d)", self.root, attempt + 1, START_ATTEMPTS)
+                self.logs.rename(self.root / f"log.attempt-{attempt}")
+
+    def _start_once(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         try:
             self._write_config()

@@ -3,10 +3,15 @@ slurm/ scripts rely on, shown working on a real cluster before any test of those
 
 from __future__ import annotations
 
+import os
+import random
+import socket
 import time
 from pathlib import Path
 
 import pytest
+import slurm_cluster as cluster_module
+from slurm_cluster import SlurmCluster, SlurmError
 
 pytestmark = pytest.mark.slurm
 
@@ -77,6 +82,70 @@ def test_the_one_and_two_node_clusters_run_side_by_side(slurm_cluster, slurm_clu
         (record,) = cluster.wait(job, timeout=30)
         assert cluster.output(record) == "1\n"
         assert cluster.run(["sinfo", "-h", "-o", "%D"]).stdout.strip() == nodes
+
+
+
+def test_ports_are_picked_the_same_way_whatever_seeds_the_global_generator():
+    # train() in a test process calls set_seed(0); two pytest workers that did so must still pick different ports.
+    random.seed(0)
+    first = cluster_module.free_ports(3)
+    random.seed(0)
+    assert cluster_module.free_ports(3) != first
+
+
+def _ports_with_the_first_taken(squatter: socket.socket, calls: list[int], taken_calls: int):
+    """A free_ports whose first `taken_calls` answers begin with the squatter's port: the daemon
+    that gets it finds it bound, as when another process takes a port between pick and bind."""
+    real = cluster_module.free_ports
+
+    def pick(count: int) -> list[int]:
+        calls.append(count)
+        ports = real(count)
+        return [squatter.getsockname()[1], *ports[1:]] if len(calls) <= taken_calls else ports
+    return pick
+
+
+@pytest.fixture
+def squatter():
+    """A port bound by this process (not listening: a client of the cluster then fails at once)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("0.0.0.0", cluster_module.free_ports(1)[0]))
+    yield sock
+    sock.close()
+
+
+def test_a_port_taken_before_slurmctld_binds_it_costs_one_more_start(slurm_cluster, squatter, tmp_path,
+                                                                    tmp_path_factory, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(cluster_module, "free_ports", _ports_with_the_first_taken(squatter, calls, taken_calls=1))
+    root = tmp_path_factory.mktemp("port")  # short: slurmstepd's socket path under it must fit in 108 bytes
+    cluster = SlurmCluster(root)
+    cluster.start(timeout=60)
+    try:
+        assert calls == [2, 2]
+        assert "Address already in use" in (root / "log.attempt-1" / "slurmctld.log").read_text()
+        assert f"SlurmctldPort={squatter.getsockname()[1]}\n" not in cluster.conf.read_text()
+        job = cluster.sbatch(["--output", f"{tmp_path}/out.txt", "--wrap", "echo up"], cwd=tmp_path)
+        (record,) = cluster.wait(job, timeout=30)
+        assert cluster.output(record) == "up\n"
+    finally:
+        cluster.stop()
+
+
+def test_a_port_taken_at_every_attempt_fails_naming_it_and_leaves_no_daemon(slurm_cluster, squatter, tmp_path,
+                                                                            monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(cluster_module, "free_ports", _ports_with_the_first_taken(squatter, calls, taken_calls=99))
+    cluster = SlurmCluster(tmp_path / "cluster")
+    with pytest.raises(SlurmError, match="Address already in use"):
+        cluster.start(timeout=60)
+    assert len(calls) == cluster_module.START_ATTEMPTS
+    assert sorted(p.name for p in (tmp_path / "cluster").glob("log*")) == ["log", "log.attempt-1", "log.attempt-2"]
+    assert not cluster._processes
+    pids = [int(p.read_text()) for p in (tmp_path / "cluster").rglob("*.pid") if p.read_text().strip()]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 SIGNAL_TRAP = """
