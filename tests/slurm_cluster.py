@@ -148,9 +148,9 @@ class SlurmCluster:
         """Write the config, start munged, slurmctld and the slurmds, and wait for idle nodes.
 
         A daemon that exits because its port was taken since the pick (another process bound it)
-        costs one more try with fresh ports, up to START_ATTEMPTS; the earlier logs are kept
-        beside (log.attempt-N). Any other failure, or the last attempt's, stops what was started
-        and raises SlurmError with the daemon log tails."""
+        costs one more try with fresh ports and its own `timeout`, up to START_ATTEMPTS; the earlier
+        logs are kept beside (log.attempt-N). Any other failure, or the last attempt's, stops what
+        was started and raises SlurmError with the daemon log tails."""
         if self._processes:
             raise SlurmError(f"cluster at {self.root} already started")
         for attempt in range(1, START_ATTEMPTS + 1):
@@ -162,7 +162,14 @@ class SlurmCluster:
                     raise
                 log.warning("SLURM cluster at %s: a port was taken before its daemon bound it; "
                             "trying again with fresh ports (attempt %d of %d)", self.root, attempt + 1, START_ATTEMPTS)
-                self.logs.rename(self.root / f"log.attempt-{attempt}")
+                self._set_logs_aside()
+
+    def _set_logs_aside(self) -> None:
+        """Move log/ to the first free log.attempt-N (a restarted cluster may have some already)."""
+        attempt = 1
+        while (self.root / f"log.attempt-{attempt}").exists():
+            attempt += 1
+        self.logs.rename(self.root / f"log.attempt-{attempt}")
 
     def _start_once(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
